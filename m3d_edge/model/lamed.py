@@ -121,6 +121,11 @@ class LaMed(nn.Module):
 
     # -- pieces ------------------------------------------------------------------------------------------------
     @property
+    def base_llm(self) -> nn.Module:
+        """The Hugging Face causal LM, also while peft LoRA adapters wrap it (they stay active inside)."""
+        return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+
+    @property
     def embed_tokens(self) -> nn.Embedding:
         return self.llm.get_input_embeddings()
 
@@ -154,20 +159,24 @@ class LaMed(nn.Module):
 
     def _run_llm(self, inputs_embeds, attention_mask=None, cache=None):
         """The LLM trunk only: final-normed hidden states [B, T, H] (lm_head applied where logits are needed)."""
-        out = self.llm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
+        out = self.base_llm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
                              use_cache=cache is not None)
         return out.last_hidden_state, out.cache
 
     # -- training / teacher forcing ----------------------------------------------------------------------------
     def forward(self, images: Optional[torch.Tensor], input_ids: torch.Tensor, *,
                 labels: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                segs: Optional[torch.Tensor] = None) -> LaMedOutput:
-        """Official training forward (spec §3.4): LM loss, plus Dice + BCE on the samples whose mask is non-empty."""
-        patch = self.vision_features(images) if images is not None else None
+                segs: Optional[torch.Tensor] = None, patch_tokens: Optional[torch.Tensor] = None) -> LaMedOutput:
+        """Official training forward (spec §3.4): LM loss, plus Dice + BCE on the samples whose mask is non-empty.
+
+        patch_tokens: precomputed vision-tower output [B, 2048, C] (a stage with a frozen tower caches them).
+        """
+        patch = patch_tokens if patch_tokens is not None else (
+            self.vision_features(images) if images is not None else None)
         image_tokens = self.mm_projector(patch) if patch is not None else None
         embeds = self.prompt_embeds(input_ids, image_tokens)
         hidden, _ = self._run_llm(embeds, attention_mask)
-        logits = self.llm.lm_head(hidden)
+        logits = self.base_llm.lm_head(hidden)
         out = LaMedOutput(logits=logits, hidden=hidden)
         if labels is None:
             return out
@@ -208,7 +217,7 @@ class LaMed(nn.Module):
         embeds = self.prompt_embeds(input_ids, self.mm_projector(patch) if patch is not None else None)
         cache = DynamicCache()
         hidden, cache = self._run_llm(embeds, cache=cache)
-        logits = self.llm.lm_head(hidden[:, -1])  # [B, V]
+        logits = self.base_llm.lm_head(hidden[:, -1])  # [B, V]
         b = input_ids.shape[0]
         ids = input_ids.new_zeros((b, 0))
         finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
@@ -228,7 +237,7 @@ class LaMed(nn.Module):
                 break
             hidden, cache = self._run_llm(self.embed_tokens(nxt[:, None]), cache=cache)
             states.append(hidden[:, -1])  # the state computed on generated token `step`
-            logits = self.llm.lm_head(hidden[:, -1])
+            logits = self.base_llm.lm_head(hidden[:, -1])
         result = Generation(ids=ids, seg_logits=None, seg_hidden=None, has_seg=None,
                             step_logits=torch.stack(step_logits) if return_step_logits else None)
         if not (seg_enable and self.cfg.seg is not None and images is not None):
