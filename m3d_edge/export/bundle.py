@@ -1,0 +1,257 @@
+"""Build a bundle: everything the runtime needs to answer questions about a scan, in one verifiable folder.
+
+    bundle/
+      manifest.json       format m3d-edge-bundle/1; config, tokens, generation defaults, components, sha256s
+      vision.onnx         [+ seg_encoder.onnx] [+ seg_decoder.onnx]    (export.onnx)
+      decoder.onnx (+ decoder.onnx.data)                                 (export.llm, export.quantize)
+      embeddings.npy      [V, H] float16
+      tokenizer.json
+
+The bundle is written into a hidden temp folder beside `out_dir`, verified with the runtime's own reader, and
+renamed into place at the end: a failure leaves nothing behind, and an existing `out_dir` is never touched.
+Field by field: docs/export.md.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from m3d_edge import __version__
+from m3d_edge.config import BX_END, BX_START, IM_PATCH, SEG, preset
+from m3d_edge.export import llm as llm_export
+from m3d_edge.export import onnx as onnx_export
+from m3d_edge.export import quantize
+from m3d_edge.model import checkpoint
+from m3d_edge.model import llm as llm_model
+from m3d_edge.model.lamed import LaMed
+from m3d_edge.runtime import bundle as bundle_reader
+
+LLM_PRECISIONS = ("int4-rtn", "int4-hqq", "fp32", "fp16")
+VISION_PRECISIONS = onnx_export.PRECISIONS
+PRESET_PREFIX = "preset:"
+# M3D-Bench settings (spec §8): greedy, 256 new tokens.
+GENERATION_DEFAULTS = {"max_new_tokens": 256, "do_sample": False, "top_p": None, "temperature": 1.0}
+
+
+class BundleBuildError(RuntimeError):
+    """The bundle could not be built; the message says why. No partial bundle is left."""
+
+
+@dataclass
+class _Source:
+    model: LaMed
+    tokenizer: Any  # a transformers tokenizer, or None (then the byte-level stand-in is used)
+    info: dict[str, Any]
+
+
+def build(checkpoint_or_model: str | Path | LaMed, out_dir: str | Path, *, llm: str = "int4-rtn",
+          vision: str = "fp32", progress: bool = True, tokenizer: Any = None) -> Path:
+    """Export `checkpoint_or_model` into the new folder `out_dir` and return its path.
+
+    checkpoint_or_model: a checkpoint folder (ours or official), `preset:<name>` for a random-weights smoke
+    export (seeded), or a LaMed in memory. tokenizer: overrides the checkpoint's (a transformers tokenizer).
+    """
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose a new folder for the bundle or remove the old one first")
+    if llm not in LLM_PRECISIONS:
+        raise ValueError(f"llm={llm!r} is not supported; expected one of {', '.join(LLM_PRECISIONS)}")
+    if vision not in VISION_PRECISIONS:
+        raise ValueError(f"vision={vision!r} is not supported; expected one of {', '.join(VISION_PRECISIONS)}")
+    say = _reporter(progress)
+    source = _load_source(checkpoint_or_model, tokenizer, say)
+    model = source.model.eval()
+    arch = type(model.llm).__name__
+    if arch not in llm_export.SUPPORTED_ARCHITECTURES:
+        raise BundleBuildError(f"LLM architecture {arch} cannot be exported; supported: "
+                               f"{', '.join(llm_export.SUPPORTED_ARCHITECTURES)}")
+    tok = source.tokenizer
+    if tok is None:  # before any heavy work: a checkpoint without a usable tokenizer fails here
+        try:
+            tok = llm_export.stand_in_tokenizer(model)
+        except llm_export.LLMExportError as e:
+            raise BundleBuildError(str(e)) from e
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        components: dict[str, dict[str, Any]] = {}
+        say(f"vision graphs ({vision})")
+        for name, path in onnx_export.export_all(model, tmp, precision=vision).items():
+            components[name] = {"file": path.name, "precision": vision, **onnx_export.io_signature(path)}
+        say(f"decoder ({llm})")
+        components["decoder"], quant = _export_decoder(model, tok, tmp, llm)
+        say("embeddings and tokenizer")
+        llm_export.save_embeddings(model, tmp / "embeddings.npy")
+        emb_shape = [model.cfg.llm.vocab_size, model.cfg.llm.hidden_size]
+        components["embeddings"] = {"file": "embeddings.npy", "dtype": "float16", "shape": emb_shape}
+        llm_export.save_tokenizer_json(tok, tmp / "tokenizer.json")
+        components["tokenizer"] = {"file": "tokenizer.json", "stand_in": source.tokenizer is None}
+        manifest = _manifest(model, tok, tmp, components, quant, source.info)
+        (tmp / bundle_reader.MANIFEST).write_text(json.dumps(manifest, indent=2))
+        bundle_reader.load(tmp, verify=True)  # read back with the runtime's reader before publishing
+        _publish_permissions(tmp)
+        os.replace(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, llm_export.LLMExportError):
+            raise BundleBuildError(str(e)) from e
+        raise
+    say(f"bundle written: {out}")
+    return out
+
+
+# -- source ------------------------------------------------------------------------------------------------------
+
+def _load_source(spec: str | Path | LaMed, tokenizer: Any, say: Callable[[str], None]) -> _Source:
+    if isinstance(spec, LaMed):
+        return _Source(spec, tokenizer, {"kind": "in-memory", "name": spec.cfg.name, "sha256": None})
+    text = str(spec)
+    if text.startswith(PRESET_PREFIX):
+        name = text[len(PRESET_PREFIX):]
+        cfg = preset(name)  # ValueError names the presets
+        say(f"building preset {name} with random weights (seed 0)")
+        torch.manual_seed(0)
+        model = checkpoint.build(cfg)
+        if tokenizer is None and cfg.llm.source != "config":
+            tokenizer = llm_model.load_tokenizer(cfg.llm)
+        return _Source(model, tokenizer, {"kind": "preset", "name": name, "seed": 0, "sha256": None})
+    folder = Path(spec)
+    say(f"loading checkpoint {folder}")
+    model = checkpoint.load(folder)  # CheckpointError names unknown layouts and bad weights
+    if tokenizer is None:
+        try:
+            tokenizer = llm_model.load_tokenizer(model.cfg.llm, folder)
+        except ValueError:  # a random-weights checkpoint without tokenizer files: the stand-in is used
+            tokenizer = None
+    return _Source(model, tokenizer, {"kind": "checkpoint", "path": str(folder.resolve()),
+                                      "sha256": checkpoint_digest(folder)})
+
+
+def checkpoint_digest(folder: str | Path) -> str:
+    """One sha256 over a checkpoint folder: each file's name and sha256, sorted (sub-folders excluded)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        h.update(f"{path.name}\0{bundle_reader.sha256_file(path)}\n".encode())
+    return h.hexdigest()
+
+
+# -- decoder -----------------------------------------------------------------------------------------------------
+
+def _export_decoder(model: LaMed, tokenizer: Any, tmp: Path,
+                    precision: str) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+    target = tmp / llm_export.DECODER_FILE
+    quant = None
+    if precision == "fp32":
+        llm_export.export_decoder(model, tmp, tokenizer=tokenizer)
+    else:
+        work = tmp / ".decoder-fp32"
+        llm_export.export_decoder(model, work, tokenizer=tokenizer)
+        src = work / llm_export.DECODER_FILE
+        if precision == "fp16":
+            quant = quantize.decoder_to_fp16(src, target)
+        else:
+            quant = quantize.quantize_decoder(src, target, method=precision.split("-", 1)[1])
+        shutil.rmtree(work)
+    entry = {"file": target.name, "precision": precision, **onnx_export.io_signature(target)}
+    return entry, quant
+
+
+# -- manifest ----------------------------------------------------------------------------------------------------
+
+def _manifest(model: LaMed, tokenizer: Any, folder: Path, components: dict, quant: Optional[dict],
+              source: dict) -> dict[str, Any]:
+    cfg = model.cfg
+    files = {p.name: {"sha256": bundle_reader.sha256_file(p), "bytes": p.stat().st_size}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != bundle_reader.MANIFEST}
+    for comp in components.values():
+        data = comp["file"] + ".data"
+        if data in files:
+            comp["external_data"] = data
+    shared = cfg.seg is not None and cfg.seg.share_vision_encoder
+    return {
+        "format": bundle_reader.FORMAT,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": cfg.to_dict(),
+        # official checkpoints were trained on M3D's min-max + crop-foreground + resize; ours on the CT windowing
+        "preprocessing": "m3d" if cfg.name.startswith("official") else "ct",
+        "tokens": _special_tokens(cfg, tokenizer, folder / "tokenizer.json"),
+        "image": {"placement": cfg.llm.image_placement, "num_tokens": cfg.num_image_tokens,
+                  "size": list(cfg.vision.image_size), "channels": cfg.vision.in_channels},
+        "seg": None if cfg.seg is None else {
+            "shared_vision_encoder": shared,
+            # the mask decoder's image input, and the graph whose output of the same name feeds it
+            "image_input": "patch_tokens" if shared else "seg_embedding",
+            "image_source": "vision" if shared else "seg_encoder",
+        },
+        "generation": dict(GENERATION_DEFAULTS),
+        "decoder": llm_export.decoder_spec(model),
+        "components": components,
+        "quantization": quant,
+        "files": files,
+        "provenance": {"source": source, "calibration_sha256": None, "libraries": _library_versions(),
+                       "python": platform.python_version(), "m3d_edge": __version__},
+    }
+
+
+def _special_tokens(cfg, tokenizer, tokenizer_json: Path) -> dict[str, Any]:
+    vocab = tokenizer.get_vocab()
+    ids = {}
+    for key, token in (("im_patch", IM_PATCH), ("bx_start", BX_START), ("bx_end", BX_END), ("seg", SEG)):
+        if token not in vocab:
+            raise BundleBuildError(f"the tokenizer has no {token} token; it must carry the four M3D tokens")
+        ids[key] = vocab[token]
+    if cfg.seg_token_id is not None and ids["seg"] != cfg.seg_token_id:
+        raise BundleBuildError(f"tokenizer [SEG] id {ids['seg']} differs from the config's seg_token_id "
+                               f"{cfg.seg_token_id}; the tokenizer does not belong to this checkpoint")
+    if cfg.im_patch_id is not None and ids["im_patch"] != cfg.im_patch_id:
+        raise BundleBuildError(f"tokenizer <im_patch> id {ids['im_patch']} differs from the config's "
+                               f"{cfg.im_patch_id}; the tokenizer does not belong to this checkpoint")
+    eos = cfg.llm.hf_config.get("eos_token_id")
+    eos = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    return {**ids, "eos": [int(e) for e in eos], "bos": llm_export.tokenizer_adds_bos(tokenizer_json)}
+
+
+def _publish_permissions(folder: Path) -> None:
+    """mkdtemp and onnx's external-data writer create owner-only files; a bundle is meant to be copied and read by
+    the service account, so give it the usual umask-derived modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
+def _library_versions() -> dict[str, Optional[str]]:
+    from importlib import metadata
+
+    out = {}
+    for dist in ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-genai", "onnxslim", "tokenizers",
+                 "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _reporter(progress: bool) -> Callable[[str], None]:
+    if not progress:
+        return lambda message: None
+
+    def say(message: str) -> None:
+        print(f"[export] {message}", flush=True)
+
+    return say

@@ -1,0 +1,271 @@
+"""Text generation over decoder.onnx with a KV cache allocated once and updated in place.
+
+numpy + onnxruntime only. The graph contract is in `m3d_edge.export.llm`; in short, one run takes the new
+positions' embeddings [1, S, H], an all-ones attention mask [1, T] and the cache, and returns the last position's
+logits [1, 1, V], the final-normed hidden states [1, S, H], and the cache with S rows appended. `KVCache` holds
+one [1, kv, max_length, d] OrtValue per layer for keys and one for values, and binds each as both the past input
+and the present output, so GroupQueryAttention writes the new rows straight into it: no per-step copy of the
+cache, no allocation after start-up.
+
+Generation follows LaMed.generate (spec §3.5): greedy or nucleus sampling (seeded numpy Generator), stop ids,
+`max_new_tokens`, new tokens only. [SEG] capture uses the official rule: the hidden state computed on generated
+token j is kept when token j+1 is [SEG]; several are averaged; a [SEG] as the very first token has no such
+state (the prompt's state is never used) and is ignored.
+
+Limits: batch size 1 (the runtime answers one scan at a time; the graph itself takes any batch), prompts are
+never padded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from m3d_edge.runtime.engines import create_session
+
+# (ids generated so far [t] int64, logits [V] float32) -> logits [V]; e.g. to force tokens in tests
+LogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# Default cache capacity: an official prompt (~300 tokens with 256 image tokens) plus 256 new tokens fits, and
+# SmolLM2's fp32 cache stays at 47 MB (its 8192-position context would take 377 MB).
+DEFAULT_MAX_LENGTH = 1024
+
+
+# -- sampling: pure functions ----------------------------------------------------------------------------------
+
+def greedy(logits: np.ndarray) -> int:
+    """[V] -> the argmax id (the first one on ties, as torch.argmax)."""
+    return int(np.argmax(logits))
+
+
+def top_p_sample(logits: np.ndarray, *, top_p: Optional[float], temperature: float, rng: np.random.Generator) -> int:
+    """[V] -> one id from the smallest set of most likely tokens whose mass reaches top_p (all of them if None)."""
+    z = logits.astype(np.float64) / max(temperature, 1e-6)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        sorted_p = p[order]
+        drop = np.cumsum(sorted_p) - sorted_p > top_p  # tokens whose more likely predecessors already cover top_p
+        sorted_p[drop] = 0.0
+        p = np.zeros_like(p)
+        p[order] = sorted_p
+        p /= p.sum()
+    return int(rng.choice(p.shape[0], p=p))
+
+
+# -- options and results ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """Sizes of the decoder graph (manifest `decoder` section, written by export.llm.decoder_spec)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    context_length: int
+
+    @classmethod
+    def from_manifest(cls, d: Mapping) -> "DecoderSpec":
+        return cls(**{k: int(d[k]) for k in ("num_layers", "num_kv_heads", "head_dim", "hidden_size", "vocab_size",
+                                              "context_length")})
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    top_p: Optional[float] = None
+    temperature: float = 1.0
+    seed: Optional[int] = None
+    stop_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}; use do_sample=False for greedy")
+        if (self.top_p is not None or self.seed is not None) and not self.do_sample:
+            raise ValueError("top_p and seed only apply with do_sample=True")
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+
+
+@dataclass(frozen=True)
+class Generated:
+    ids: list[int]  # new tokens only, the stop token included when one ended generation
+    seg_hidden: Optional[np.ndarray]  # [H] float32: mean of the states that predicted [SEG]; None when none did
+    prompt_length: int
+    stop_reason: str  # "stop" (a stop id) or "length" (max_new_tokens)
+
+
+# -- the cache ---------------------------------------------------------------------------------------------------
+
+class KVCache:
+    """Keys and values of every layer, [1, kv, max_length, d] each, allocated once on `device`."""
+
+    def __init__(self, spec: DecoderSpec, max_length: int, dtype=np.float32, device: str = "cpu") -> None:
+        shape = (1, spec.num_kv_heads, max_length, spec.head_dim)
+        self.nbytes = 2 * spec.num_layers * int(np.prod(shape)) * np.dtype(dtype).itemsize
+        self.max_length = max_length
+        self.length = 0  # rows that hold real positions
+        self.buffers = [tuple(ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0) for _ in range(2))
+                        for _ in range(spec.num_layers)]
+
+    def bind(self, binding: ort.IOBinding) -> None:
+        for i, (k, v) in enumerate(self.buffers):
+            # the same OrtValue as input and output: GroupQueryAttention appends in place
+            binding.bind_ortvalue_input(f"past_key_values.{i}.key", k)
+            binding.bind_ortvalue_input(f"past_key_values.{i}.value", v)
+            binding.bind_ortvalue_output(f"present.{i}.key", k)
+            binding.bind_ortvalue_output(f"present.{i}.value", v)
+
+    def output_names(self) -> list[str]:
+        """The present outputs in the order `bind` binds them (IOBinding.get_outputs keeps binding order)."""
+        return [f"present.{i}.{kv}" for i in range(len(self.buffers)) for kv in ("key", "value")]
+
+
+# -- the decoder -------------------------------------------------------------------------------------------------
+
+class Decoder:
+    """decoder.onnx + the embedding table + one KV cache.
+
+    embeddings: [V, H] (float16 or float32; rows are cast to the graph's input type when looked up).
+    max_length: cache capacity in positions (prompt + generated); default min(context length, 1024).
+    """
+
+    def __init__(self, session: ort.InferenceSession, spec: DecoderSpec, embeddings: np.ndarray, *,
+                 max_length: Optional[int] = None, device: str = "cpu") -> None:
+        if embeddings.shape != (spec.vocab_size, spec.hidden_size):
+            raise ValueError(f"embedding table {embeddings.shape} does not match the decoder "
+                             f"({spec.vocab_size}, {spec.hidden_size})")
+        types = {i.name: i.type for i in session.get_inputs()}
+        missing = {"inputs_embeds", "attention_mask", "past_key_values.0.key"} - set(types)
+        if missing:
+            raise ValueError(f"decoder graph lacks inputs {sorted(missing)}; re-export it with m3d_edge.export.llm")
+        self.session, self.spec, self.embeddings, self.device = session, spec, embeddings, device
+        self.embed_dtype = _NP_TYPES[types["inputs_embeds"]]
+        capacity = max_length or min(spec.context_length, DEFAULT_MAX_LENGTH)
+        self.cache = KVCache(spec, capacity, _NP_TYPES[types["past_key_values.0.key"]], device)
+        self._binding = session.io_binding()
+        self._output_names = self.cache.output_names() + ["logits", "hidden_states"]
+
+    @classmethod
+    def from_files(cls, decoder_onnx: str | Path, embeddings_npy: str | Path, spec: DecoderSpec, *,
+                   max_length: Optional[int] = None, device: str = "cpu", threads: Optional[int] = None) -> "Decoder":
+        session = create_session(decoder_onnx, device=device, threads=threads)
+        return cls(session, spec, np.load(embeddings_npy, mmap_mode="r"), max_length=max_length, device=device)
+
+    def embed(self, ids: Sequence[int]) -> np.ndarray:
+        """ids [n] -> [1, n, H] in the graph's input dtype."""
+        return np.asarray(self.embeddings[np.asarray(ids, dtype=np.int64)], dtype=self.embed_dtype)[None]
+
+    def reset(self) -> None:
+        self.cache.length = 0  # stale rows need no clearing: the attention mask hides them
+
+    def forward(self, inputs_embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run S new positions [1, S, H] and append them to the cache. -> (logits [V], hidden [H] of the last one)."""
+        if inputs_embeds.ndim != 3 or inputs_embeds.shape[0] != 1 or inputs_embeds.shape[2] != self.spec.hidden_size:
+            raise ValueError(f"inputs_embeds must be [1, S, {self.spec.hidden_size}], got {list(inputs_embeds.shape)}")
+        s = inputs_embeds.shape[1]
+        total = self.cache.length + s
+        if total > self.cache.max_length:
+            raise ValueError(f"{total} positions do not fit the KV cache ({self.cache.max_length}); "
+                             f"shorten the prompt or max_new_tokens, or build the Decoder with a larger max_length")
+        b = self._binding
+        b.clear_binding_inputs()
+        b.clear_binding_outputs()
+        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=self.embed_dtype))
+        b.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
+        self.cache.bind(b)
+        b.bind_output("logits", "cpu")
+        b.bind_output("hidden_states", "cpu")
+        self.session.run_with_iobinding(b)
+        outputs = dict(zip(self._output_names, b.get_outputs()))
+        self.cache.length = total
+        logits = outputs["logits"].numpy()[0, -1].astype(np.float32)  # [1, 1, V] -> [V]
+        hidden = outputs["hidden_states"].numpy()[0, -1].astype(np.float32)  # [1, S, H] -> [H]
+        return logits, hidden
+
+    def stream(self, inputs_embeds: np.ndarray, options: GenerationOptions = GenerationOptions(), *,
+               seg_token_id: Optional[int] = None, logits_processor: Optional[LogitsProcessor] = None) -> "Stream":
+        """Start generating after the prompt [1, T, H] (already assembled: text + image tokens). Iterate the result
+        for token ids as they come; its `.result` is the Generated once iteration ends."""
+        return Stream(self, inputs_embeds, options, seg_token_id, logits_processor)
+
+    def generate(self, inputs_embeds: np.ndarray, options: GenerationOptions = GenerationOptions(), *,
+                 seg_token_id: Optional[int] = None, logits_processor: Optional[LogitsProcessor] = None,
+                 on_token: Optional[Callable[[int], None]] = None) -> Generated:
+        stream = self.stream(inputs_embeds, options, seg_token_id=seg_token_id, logits_processor=logits_processor)
+        for token in stream:
+            if on_token is not None:
+                on_token(token)
+        return stream.result
+
+
+@dataclass
+class _SegCapture:
+    """Sum and count of the hidden states that predicted [SEG]."""
+
+    total: Optional[np.ndarray] = None
+    count: int = 0
+
+    def add(self, hidden: np.ndarray) -> None:
+        self.total = hidden.astype(np.float64) if self.total is None else self.total + hidden
+        self.count += 1
+
+    def mean(self) -> Optional[np.ndarray]:
+        return None if self.count == 0 else (self.total / self.count).astype(np.float32)
+
+
+@dataclass
+class Stream:
+    """An iterator of generated token ids; `.result` (a Generated) is set when it is exhausted."""
+
+    decoder: Decoder
+    inputs_embeds: np.ndarray
+    options: GenerationOptions
+    seg_token_id: Optional[int]
+    logits_processor: Optional[LogitsProcessor]
+    result: Optional[Generated] = field(default=None, init=False)
+
+    def __iter__(self) -> Iterator[int]:
+        opts, dec = self.options, self.decoder
+        needed = self.inputs_embeds.shape[1] + opts.max_new_tokens - 1  # the last token is never fed
+        if needed > dec.cache.max_length:
+            raise ValueError(f"{needed} positions (prompt + max_new_tokens - 1) do not fit the KV cache "
+                             f"({dec.cache.max_length}); build the Decoder with a larger max_length")
+        rng = np.random.default_rng(opts.seed) if opts.do_sample else None
+        stop = set(opts.stop_ids)
+        ids: list[int] = []
+        seg = _SegCapture()
+        dec.reset()
+        logits, hidden = dec.forward(self.inputs_embeds)
+        on_generated = False  # the state that produced `logits` was computed on a generated token
+        reason = "length"
+        for step in range(opts.max_new_tokens):
+            if self.logits_processor is not None:
+                logits = self.logits_processor(np.asarray(ids, dtype=np.int64), logits)
+            token = (top_p_sample(logits, top_p=opts.top_p, temperature=opts.temperature, rng=rng)
+                     if opts.do_sample else greedy(logits))
+            if token == self.seg_token_id and on_generated:
+                seg.add(hidden)
+            ids.append(token)
+            yield token
+            if token in stop:
+                reason = "stop"
+                break
+            if step == opts.max_new_tokens - 1:
+                break  # the last token is never fed: its state could only predict a token we will not make
+            logits, hidden = dec.forward(dec.embed([token]))
+            on_generated = True
+        self.result = Generated(ids=ids, seg_hidden=seg.mean(), prompt_length=self.inputs_embeds.shape[1],
+                                stop_reason=reason)

@@ -1,0 +1,81 @@
+"""ONNX Runtime sessions, created once per file, on the best execution provider this machine offers.
+
+numpy + onnxruntime only (the CPU runtime never imports torch). Provider order: TensorRT, then CUDA, then CPU,
+each only when asked for and installed; ORT itself falls back per node to the next provider in the list.
+Native TensorRT engines (`export.tensorrt`) are not handled here yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import onnxruntime as ort
+
+DEVICES = ("cpu", "cuda")
+
+
+class EngineError(RuntimeError):
+    """A session that cannot be created as asked; the message names the file or provider and the fix."""
+
+
+def available_providers() -> list[str]:
+    return list(ort.get_available_providers())
+
+
+def providers_for(device: str, *, tensorrt: bool = False) -> list[str]:
+    """The provider list for `device`. Asking for CUDA or TensorRT where ORT has no such provider is an error, not
+    a silent fall-back to CPU: a hospital box that lost its GPU should say so."""
+    if device not in DEVICES:
+        raise EngineError(f"device={device!r} is not supported; expected one of {', '.join(DEVICES)}")
+    have = set(available_providers())
+    if tensorrt and device != "cuda":
+        raise EngineError("TensorRT needs device='cuda'")
+    wanted = ["TensorrtExecutionProvider"] if tensorrt else []
+    wanted += ["CUDAExecutionProvider"] if device == "cuda" else []
+    missing = [p for p in wanted if p not in have]
+    if missing:
+        raise EngineError(f"{', '.join(missing)} not available in this onnxruntime build "
+                          f"(it has {', '.join(sorted(have))}); install onnxruntime-gpu on a machine with an NVIDIA GPU, or use device='cpu'")
+    return wanted + ["CPUExecutionProvider"]
+
+
+def session_options(threads: Optional[int] = None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    # Logging at "warning" lets the few ORT messages that matter through (e.g. a node falling back to CPU).
+    opts.log_severity_level = 2
+    return opts
+
+
+def create_session(path: str | Path, *, device: str = "cpu", tensorrt: bool = False,
+                   threads: Optional[int] = None) -> ort.InferenceSession:
+    path = Path(path)
+    if not path.is_file():
+        raise EngineError(f"{path}: ONNX file not found")
+    try:
+        return ort.InferenceSession(str(path), sess_options=session_options(threads),
+                                    providers=providers_for(device, tensorrt=tensorrt))
+    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+            ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as e:
+        raise EngineError(f"{path}: onnxruntime could not load it ({e})") from e
+
+
+@dataclass
+class Engines:
+    """One session per ONNX file, created on first use and kept: `Engines(device="cpu").get(path)`."""
+
+    device: str = "cpu"
+    tensorrt: bool = False
+    threads: Optional[int] = None
+    _sessions: dict[Path, ort.InferenceSession] = field(default_factory=dict, repr=False)
+
+    def get(self, path: str | Path) -> ort.InferenceSession:
+        key = Path(path).resolve()
+        if key not in self._sessions:
+            self._sessions[key] = create_session(key, device=self.device, tensorrt=self.tensorrt,
+                                                 threads=self.threads)
+        return self._sessions[key]

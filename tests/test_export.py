@@ -1,0 +1,430 @@
+"""Export: every ONNX graph against torch, the runtime decoder loop against LaMed.generate, quantization, bundles.
+
+Relative error is max|onnx - torch| / max|torch| over the whole output.
+"""
+
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+from m3d_edge.cli import main as cli
+from m3d_edge.config import LLMSpec, preset
+from m3d_edge.export import bundle as bundle_export
+from m3d_edge.export import llm as llm_export
+from m3d_edge.export import onnx as onnx_export
+from m3d_edge.export import quantize
+from m3d_edge.model import checkpoint
+from m3d_edge.model.checkpoint import CheckpointError
+from m3d_edge.runtime import bundle as bundle_reader
+from m3d_edge.runtime.decoder import Decoder, DecoderSpec, GenerationOptions, greedy, top_p_sample
+from m3d_edge.runtime.engines import Engines, create_session
+
+SEG_ID = 259  # tiny preset and fixture
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def forced(tokens):
+    """Logits processors (torch and numpy) that force `tokens`, one per step."""
+    def torch_proc(sofar, logits):
+        out = torch.full_like(logits, float("-inf"))
+        out[:, tokens[sofar.shape[1]]] = 0
+        return out
+
+    def numpy_proc(sofar, logits):
+        out = np.full_like(logits, -np.inf)
+        out[tokens[len(sofar)]] = 0
+        return out
+
+    return torch_proc, numpy_proc
+
+
+@pytest.fixture(scope="module")
+def official(fixture_dir):
+    return checkpoint.load(fixture_dir)
+
+
+@pytest.fixture(scope="module")
+def official_inputs(reference):
+    return torch.from_numpy(reference["image"]), torch.from_numpy(reference["input_ids"])
+
+
+@pytest.fixture(scope="module")
+def official_decoder(official, tmp_path_factory):
+    out = tmp_path_factory.mktemp("decoder-official")
+    llm_export.export_decoder(official, out)
+    return out / "decoder.onnx"
+
+
+@pytest.fixture(scope="module")
+def official_prompt(official, official_inputs):
+    image, ids = official_inputs
+    with torch.no_grad():
+        return official.prompt_embeds(ids, official.encode_images(image)).numpy()  # [1, T, H]
+
+
+def make_decoder(model, path, table=None, max_length=512):
+    spec = DecoderSpec.from_manifest(llm_export.decoder_spec(model))
+    table = model.embed_tokens.weight.detach().numpy() if table is None else table
+    return Decoder(create_session(path), spec, table, max_length=max_length)
+
+
+# -- vision and segmentation graphs --------------------------------------------------------------------------------
+
+def _shared_tiny():
+    cfg = preset("tiny")
+    cfg = dataclasses.replace(cfg, seg=dataclasses.replace(cfg.seg, share_vision_encoder=True))
+    torch.manual_seed(0)
+    return checkpoint.build(cfg).eval()
+
+
+@pytest.mark.parametrize("which", ["official", "shared"])
+def test_vision_and_seg_graphs_match_torch(which, official, tmp_path):
+    model = official if which == "official" else _shared_tiny()
+    paths = onnx_export.export_all(model, tmp_path)
+    shared = which == "shared"
+    assert sorted(paths) == (["seg_decoder", "vision"] if shared else ["seg_decoder", "seg_encoder", "vision"])
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand((2, 1, 32, 256, 256), generator=g)  # batch 2: the batch axis is dynamic
+    seg_hidden = torch.randn((2, model.cfg.llm.hidden_size), generator=g)
+    with torch.no_grad():
+        patch = model.vision_features(images)
+        tokens = model.mm_projector(patch)
+        embedding = model.seg_embedding(images, patch)
+        masks = model.segment(images, seg_hidden, patch)
+    out = session(paths["vision"]).run(None, {"images": images.numpy()})
+    assert rel_err(out[0], tokens) <= 1e-4, f"vision.onnx image_tokens rel err {rel_err(out[0], tokens):.2e}"
+    if shared:
+        assert rel_err(out[1], patch) <= 1e-4, f"vision.onnx patch_tokens rel err {rel_err(out[1], patch):.2e}"
+        image_in = {"patch_tokens": out[1]}
+    else:
+        emb = session(paths["seg_encoder"]).run(None, {"images": images.numpy()})[0]
+        assert emb.shape == (2, model.cfg.seg.embed_dim, 8, 16, 16)
+        assert rel_err(emb, embedding) <= 1e-4, f"seg_encoder.onnx rel err {rel_err(emb, embedding):.2e}"
+        image_in = {"seg_embedding": emb}
+    logits = session(paths["seg_decoder"]).run(None, {**image_in, "seg_hidden": seg_hidden.numpy()})[0]
+    assert logits.shape == (2, 1, 32, 256, 256)
+    assert rel_err(logits, masks) <= 1e-4, f"seg_decoder.onnx rel err {rel_err(logits, masks):.2e}"
+
+
+def test_fp16_graphs_stay_close(official, tmp_path):
+    paths = onnx_export.export_all(official, tmp_path, precision="fp16")
+    images = torch.rand((1, 1, 32, 256, 256), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        tokens = official.encode_images(images)
+    out = session(paths["vision"]).run(None, {"images": images.numpy()})[0]
+    assert out.dtype == np.float32  # float32 IO around fp16 arithmetic
+    # fp16 carries ~3 decimal digits; measured ~7e-4 on this model
+    assert rel_err(out, tokens) <= 5e-3, f"fp16 vision.onnx rel err {rel_err(out, tokens):.2e}"
+
+
+# -- the decoder graph ---------------------------------------------------------------------------------------------
+
+def test_decoder_prefill_with_empty_past_and_one_token_decode(official, official_decoder, official_prompt):
+    """The contract without the in-place cache: past of length 0, then one token with the returned presents."""
+    sess = session(official_decoder)
+    spec = llm_export.decoder_spec(official)
+    n_layers, kv, d = spec["num_layers"], spec["num_kv_heads"], spec["head_dim"]
+    t = official_prompt.shape[1]
+    feeds = {"inputs_embeds": official_prompt, "attention_mask": np.ones((1, t), np.int64)}
+    for i in range(n_layers):
+        for name in ("key", "value"):
+            feeds[f"past_key_values.{i}.{name}"] = np.zeros((1, kv, 0, d), np.float32)
+    names = [o.name for o in sess.get_outputs()]
+    out = dict(zip(names, sess.run(None, feeds)))
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        first = official.llm.model(inputs_embeds=torch.from_numpy(official_prompt), cache=DynamicCache(),
+                                   use_cache=True)
+        logits = official.llm.lm_head(first.last_hidden_state[:, -1])
+    assert out["logits"].shape == (1, 1, spec["vocab_size"])
+    assert rel_err(out["logits"][:, -1], logits) <= 1e-4
+    assert rel_err(out["hidden_states"][:, -1], first.last_hidden_state[:, -1]) <= 1e-4
+    nxt = int(logits.argmax())
+    step = torch.tensor([[nxt]])
+    with torch.no_grad():
+        emb = official.embed_tokens(step)
+        second = official.llm.model(inputs_embeds=emb, cache=first.cache, use_cache=True)
+        logits2 = official.llm.lm_head(second.last_hidden_state[:, -1])
+    feeds = {"inputs_embeds": emb.numpy(), "attention_mask": np.ones((1, t + 1), np.int64)}
+    for i in range(n_layers):
+        for name in ("key", "value"):
+            feeds[f"past_key_values.{i}.{name}"] = out[f"present.{i}.{name}"]
+    out2 = dict(zip(names, sess.run(None, feeds)))
+    assert out2["present.0.key"].shape == (1, kv, t + 1, d)
+    assert rel_err(out2["logits"][:, -1], logits2) <= 1e-4
+    assert rel_err(out2["hidden_states"][:, -1], second.last_hidden_state[:, -1]) <= 1e-4
+
+
+def test_chunked_prefill_equals_whole_prefill(official, official_decoder, official_prompt):
+    """Past length > 0 with S > 1: the graph has no prefill/decode branch baked in."""
+    dec = make_decoder(official, official_decoder)
+    whole = dec.forward(official_prompt)
+    for split in (1, 100):
+        dec.reset()
+        dec.forward(official_prompt[:, :split])
+        chunked = dec.forward(official_prompt[:, split:])
+        assert rel_err(chunked[0], whole[0]) <= 1e-5 and rel_err(chunked[1], whole[1]) <= 1e-5
+    dec.reset()
+    alone = dec.forward(official_prompt[:, 100:])  # control: without its past the tail gives other logits
+    assert rel_err(alone[0], whole[0]) > 1e-3
+
+
+def test_runtime_greedy_matches_torch_generate(official, official_decoder, official_prompt, official_inputs):
+    image, ids = official_inputs
+    with torch.no_grad():
+        expected = official.generate(image, ids, max_new_tokens=32).ids[0].tolist()
+    dec = make_decoder(official, official_decoder)
+    streamed = []
+    got = dec.generate(official_prompt, GenerationOptions(max_new_tokens=32), on_token=streamed.append)
+    assert got.ids == expected and streamed == expected
+    assert got.stop_reason == "length" and got.prompt_length == official_prompt.shape[1]
+    # the bundle's fp16 embedding table changes nothing here
+    table16 = official.embed_tokens.weight.detach().numpy().astype(np.float16)
+    half = make_decoder(official, official_decoder, table=table16)
+    assert half.generate(official_prompt, GenerationOptions(max_new_tokens=32)).ids == expected
+
+
+def test_runtime_seg_hidden_matches_torch(official, official_decoder, official_prompt, official_inputs):
+    image, ids = official_inputs
+    dec = make_decoder(official, official_decoder)
+    tokens = [5, 7, SEG_ID, 9, SEG_ID, 2]  # two [SEG]: their predicting states are averaged
+    torch_proc, numpy_proc = forced(tokens)
+    with torch.no_grad():
+        ref = official.generate(image, ids, max_new_tokens=len(tokens), logits_processor=torch_proc)
+    got = dec.generate(official_prompt, GenerationOptions(max_new_tokens=len(tokens)), seg_token_id=SEG_ID,
+                       logits_processor=numpy_proc)
+    assert got.ids == tokens == ref.ids[0].tolist() and bool(ref.has_seg[0])
+    err = rel_err(got.seg_hidden, ref.seg_hidden[0])
+    assert err <= 1e-4, f"[SEG] hidden rel err {err:.2e}"
+    # [SEG] as the very first token has no predicting state of a generated token: ignored, as officially
+    torch_proc, numpy_proc = forced([SEG_ID, 5, 6])
+    with torch.no_grad():
+        ref = official.generate(image, ids, max_new_tokens=3, logits_processor=torch_proc)
+    got = dec.generate(official_prompt, GenerationOptions(max_new_tokens=3), seg_token_id=SEG_ID,
+                       logits_processor=numpy_proc)
+    assert got.seg_hidden is None and not bool(ref.has_seg[0])
+
+
+def test_runtime_stop_tokens_and_seeded_sampling(official, official_decoder, official_prompt):
+    dec = make_decoder(official, official_decoder)
+    first = dec.generate(official_prompt, GenerationOptions(max_new_tokens=8)).ids
+    stopped = dec.generate(official_prompt, GenerationOptions(max_new_tokens=8, stop_ids=(first[2],)))
+    assert stopped.ids == first[:3] and stopped.stop_reason == "stop"
+    opts = GenerationOptions(max_new_tokens=12, do_sample=True, top_p=0.9, seed=7)
+    a, b = dec.generate(official_prompt, opts).ids, dec.generate(official_prompt, opts).ids
+    assert a == b
+    stream = dec.stream(official_prompt, opts)
+    assert list(stream) == a and stream.result.ids == a
+    with pytest.raises(ValueError, match="do not fit the KV cache"):
+        make_decoder(official, official_decoder, max_length=100).generate(official_prompt)
+
+
+def test_sampling_primitives():
+    logits = np.array([0.0, 5.0, 4.9, -3.0], dtype=np.float32)
+    assert greedy(logits) == 1
+    rng = np.random.default_rng(0)
+    # top_p=0.5 keeps only the most likely token (its mass alone is above 0.5)
+    assert {top_p_sample(logits, top_p=0.5, temperature=1.0, rng=rng) for _ in range(50)} == {1}
+    draws = {top_p_sample(logits, top_p=0.99, temperature=1.0, rng=rng) for _ in range(200)}
+    assert draws == {1, 2}
+    with pytest.raises(ValueError, match="only apply with do_sample"):
+        GenerationOptions(top_p=0.9)
+
+
+def test_phi3_decoder_matches_torch(tmp_path):
+    cfg = preset("tiny")
+    phi = dict(model_type="phi3", architectures=["Phi3ForCausalLM"], hidden_size=64, intermediate_size=128,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+               original_max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0, vocab_size=260,
+               bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False, hidden_act="silu")
+    cfg = dataclasses.replace(cfg, llm=LLMSpec("phi3", "config", phi))
+    torch.manual_seed(0)
+    model = checkpoint.build(cfg).eval()
+    assert type(model.llm).__name__ == "Phi3ForCausalLM"
+    llm_export.export_decoder(model, tmp_path)
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45]])
+    with torch.no_grad():
+        expected = model.generate(None, ids, max_new_tokens=16).ids[0].tolist()
+        prompt = model.prompt_embeds(ids, None).numpy()
+    got = make_decoder(model, tmp_path / "decoder.onnx").generate(prompt, GenerationOptions(max_new_tokens=16))
+    assert got.ids == expected
+
+
+def test_int4_decoder_runs(official, official_decoder, official_prompt, tmp_path):
+    fp32_bytes = sum(p.stat().st_size for p in official_decoder.parent.iterdir())
+    for method in quantize.METHODS:
+        dst = tmp_path / method / "decoder.onnx"
+        info = quantize.quantize_decoder(official_decoder, dst, method=method)
+        assert info["method"] == method and info["block_size"] == 32 and info["matmuls_kept_float"] == 0
+        ids = make_decoder(official, dst).generate(official_prompt, GenerationOptions(max_new_tokens=8)).ids
+        assert len(ids) == 8
+        size = sum(p.stat().st_size for p in dst.parent.iterdir())
+        assert size < fp32_bytes
+    kept = quantize.quantize_decoder(official_decoder, tmp_path / "head" / "decoder.onnx", quantize_lm_head=False)
+    assert kept["matmuls_kept_float"] == 1
+
+
+def test_fp16_decoder_keeps_greedy_tokens(official, official_decoder, official_prompt, official_inputs, tmp_path):
+    image, ids = official_inputs
+    with torch.no_grad():
+        expected = official.generate(image, ids, max_new_tokens=32).ids[0].tolist()
+    info = quantize.decoder_to_fp16(official_decoder, tmp_path / "decoder.onnx")
+    dec = make_decoder(official, tmp_path / "decoder.onnx")
+    assert info["kv_cache"] == "float16" and dec.cache.buffers[0][0].data_type() == "tensor(float16)"
+    assert dec.generate(official_prompt, GenerationOptions(max_new_tokens=32)).ids == expected
+
+
+# -- bundles -------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    return bundle_export.build("preset:tiny", out, llm="int4-rtn", progress=False)
+
+
+def test_bundle_manifest_and_verification(tiny_bundle, tmp_path):
+    b = bundle_reader.load(tiny_bundle)
+    m = b.manifest
+    assert m["format"] == "m3d-edge-bundle/1" and m["preprocessing"] == "ct"
+    assert m["tokens"] == {"im_patch": 256, "bx_start": 257, "bx_end": 258, "seg": 259, "eos": [2], "bos": 1}
+    assert sorted(m["components"]) == ["decoder", "embeddings", "seg_decoder", "seg_encoder", "tokenizer", "vision"]
+    assert m["quantization"]["method"] == "rtn" and m["components"]["decoder"]["precision"] == "int4-rtn"
+    assert m["components"]["seg_decoder"]["outputs"][0]["shape"] == ["batch", 1, 32, 256, 256]
+    assert set(m["files"]) == {p.name for p in tiny_bundle.iterdir()} - {"manifest.json"}
+    assert b.embeddings().dtype == np.float16 and b.embeddings().shape == (260, 64)
+    # the bundle runs: vision -> prompt -> decoder, with the runtime's own engines
+    engines = Engines()
+    image = np.random.default_rng(0).random((1, 1, 32, 256, 256), dtype=np.float32)
+    tokens = engines.get(b.path("vision")).run(None, {"images": image})[0]
+    assert tokens.shape == (1, 256, 64)
+    spec = DecoderSpec.from_manifest(b.decoder)
+    dec = Decoder(engines.get(b.path("decoder")), spec, b.embeddings(), max_length=300)
+    prompt = dec.embed([1] + [256] * 256 + [40, 41])
+    prompt[0, 1:257] = tokens[0]
+    assert len(dec.generate(prompt, GenerationOptions(max_new_tokens=4)).ids) == 4
+    seg = m["seg"]
+    assert seg == {"shared_vision_encoder": False, "image_input": "seg_embedding", "image_source": "seg_encoder"}
+    embedding = engines.get(b.path(seg["image_source"])).run([seg["image_input"]], {"images": image})[0]
+    hidden = np.zeros((1, 64), np.float32)
+    mask = engines.get(b.path("seg_decoder")).run(None, {seg["image_input"]: embedding, "seg_hidden": hidden})[0]
+    assert mask.shape == (1, 1, 32, 256, 256) and np.isfinite(mask).all()
+    # a copy with one flipped byte is refused, naming the file
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_bundle, bad)
+    data = bytearray((bad / "vision.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / "vision.onnx").write_bytes(bytes(data))
+    with pytest.raises(bundle_reader.BundleError, match="vision.onnx: sha256"):
+        bundle_reader.load(bad)
+    (bad / "embeddings.npy").unlink()
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["format"] = "m3d-edge-bundle/99"
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(bundle_reader.BundleError, match="not known to this runtime"):
+        bundle_reader.load(bad)
+
+
+def test_bundle_refuses_existing_dir_and_leaves_nothing_on_failure(tiny_bundle, monkeypatch, tmp_path):
+    with pytest.raises(FileExistsError, match="exists"):
+        bundle_export.build("preset:tiny", tiny_bundle, progress=False)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure in the LLM export")
+
+    monkeypatch.setattr(bundle_export.llm_export, "export_decoder", broken)
+    out = tmp_path / "never"
+    with pytest.raises(RuntimeError, match="simulated"):
+        bundle_export.build("preset:tiny", out, llm="fp32", progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither the bundle nor its temp folder
+
+
+def test_bundle_refuses_unknown_layout_and_architecture(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(CheckpointError, match="unknown checkpoint layout"):
+        bundle_export.build(folder, tmp_path / "b1", progress=False)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from m3d_edge.model.lamed import LaMed
+
+    cfg = preset("tiny")
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=260))
+    with pytest.raises(bundle_export.BundleBuildError, match="GPT2LMHeadModel cannot be exported"):
+        bundle_export.build(LaMed(cfg, gpt2), tmp_path / "b2", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_cli_export_errors(tiny_bundle):
+    runner = CliRunner()
+    r = runner.invoke(cli, ["export", "preset:tiny", "--out", str(tiny_bundle)])
+    assert r.exit_code == 1 and "exists" in r.output
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        r = runner.invoke(cli, ["export", "preset:tiny", "--out", str(tiny_bundle) + "-trt", "--tensorrt"])
+        assert r.exit_code == 2 and "needs an NVIDIA GPU" in r.output
+
+
+def test_runtime_imports_without_torch():
+    code = ("import sys\n"
+            "for name in ('torch', 'transformers'):\n"
+            "    sys.modules[name] = None  # any import of them now raises ImportError\n"
+            "import m3d_edge.runtime.bundle, m3d_edge.runtime.decoder, m3d_edge.runtime.engines\n"
+            "assert not any(m.startswith(('m3d_edge.model', 'm3d_edge.export')) for m in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+# -- SmolLM2 (the default LLM) ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    from m3d_edge.model import llm as llm_model
+
+    cfg = preset("phantom-small")
+    torch.manual_seed(0)
+    model = checkpoint.build(cfg).eval()
+    tok = llm_model.load_tokenizer(cfg.llm)
+    out = tmp_path_factory.mktemp("smol")
+    llm_export.export_decoder(model, out / "fp32", tokenizer=tok)
+    quantize.quantize_decoder(out / "fp32" / "decoder.onnx", out / "int4" / "decoder.onnx", method="rtn")
+    return model, tok, out
+
+
+def test_smollm2_decoder_matches_torch_and_int4_is_small(smol):
+    model, tok, out = smol
+    chat = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    ids = torch.tensor([tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"]])
+    with torch.no_grad():
+        expected = model.generate(None, ids, max_new_tokens=32).ids[0].tolist()
+        prompt = model.prompt_embeds(ids, None).numpy()
+    table = model.embed_tokens.weight.detach().numpy().astype(np.float16)
+    fp32 = make_decoder(model, out / "fp32" / "decoder.onnx", table=table, max_length=256)
+    assert fp32.generate(prompt, GenerationOptions(max_new_tokens=32)).ids == expected
+    size = {k: sum(p.stat().st_size for p in (out / k).iterdir()) for k in ("fp32", "int4")}
+    assert size["int4"] < 0.30 * size["fp32"], f"int4 is {size['int4'] / size['fp32']:.1%} of fp32"
+    int4 = make_decoder(model, out / "int4" / "decoder.onnx", table=table, max_length=256)
+    start = time.perf_counter()
+    got = int4.generate(prompt, GenerationOptions(max_new_tokens=32)).ids
+    elapsed = time.perf_counter() - start
+    answer = tok.decode(got, skip_special_tokens=True)
+    assert "Paris" in answer, f"int4 answer {answer!r} ({32 / elapsed:.0f} tokens/s)"
