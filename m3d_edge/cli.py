@@ -58,6 +58,193 @@ def info(as_json: bool) -> None:
 
 # -- commands added by later modules go below this line (keep one command per block) --
 
+DEFAULT_QUESTIONS = (
+    "Please generate a medical report based on this image.",
+    "Which contrast phase was this CT acquired in?",
+    "Where is the liver? Please output the box.",
+    "Can you segment the liver in this image? Please output the mask.",
+)
+
+
+def _default_bundle() -> str:
+    """The bundle used when --bundle is not given: built once into the user cache folder from models/phantom-small
+    (our trained checkpoint) when it exists, else from preset:phantom-small (random vision weights, a warning)."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    from m3d_edge import __version__ as version
+
+    trained = Path(__file__).resolve().parents[1] / "models" / "phantom-small"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "m3d-edge" / "bundles"
+    if trained.is_dir():
+        from m3d_edge.export.bundle import checkpoint_digest
+
+        source, tag = str(trained), checkpoint_digest(trained)
+    else:
+        source, tag = "preset:phantom-small", f"preset:phantom-small|{version}"
+        click.echo("warning: models/phantom-small does not exist; using preset:phantom-small, whose vision and "
+                   "segmentation weights are random (untrained): answers will not describe the scan", err=True)
+    target = cache / hashlib.sha256(f"{tag}|int4-rtn".encode()).hexdigest()[:16]
+    if not (target / "manifest.json").is_file():
+        from m3d_edge.export import bundle
+
+        click.echo(f"building the default bundle from {source} into {target} (once; about a minute)", err=True)
+        try:
+            bundle.build(source, target, llm="int4-rtn", progress=False)
+        except FileExistsError:  # another process finished it first
+            pass
+        except (ImportError, FileNotFoundError, ValueError, bundle.BundleBuildError) as e:
+            raise click.ClickException(f"cannot build the default bundle from {source}: {e}; pass --bundle") from e
+    return str(target)
+
+
+def _load_pipeline(bundle_dir: str | None, device: str):
+    from m3d_edge.runtime.bundle import BundleError
+    from m3d_edge.runtime.engines import EngineError
+    from m3d_edge.runtime.pipeline import Pipeline
+
+    try:
+        return Pipeline.load(bundle_dir or _default_bundle(), device=device)
+    except (BundleError, EngineError) as e:
+        raise click.ClickException(str(e)) from e
+
+
+@main.command()
+@click.argument("scan", type=click.Path(exists=True, path_type=str))
+@click.option("-q", "--question", "questions", multiple=True,
+              help="A question (repeat for several) [default: a report, a VQA, a box and a segmentation].")
+@click.option("--bundle", "bundle_dir", default=None, type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="Bundle folder [default: phantom-small, built once into ~/.cache/m3d-edge/bundles].")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False, path_type=str),
+              help="Folder for answer JSON, mask NIfTI, DICOM SEG (DICOM input) and PNG overlays.")
+@click.option("--stream/--no-stream", default=False, help="Print the text as it is generated.")
+@click.option("--json", "as_json", is_flag=True, help="Print the answers as JSON.")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--max-new-tokens", default=None, type=click.IntRange(min=1),
+              help="Most new tokens per answer [default: the bundle's, 256].")
+def run(scan: str, questions: tuple[str, ...], bundle_dir: str | None, out_dir: str | None, stream: bool,
+        as_json: bool, device: str, max_new_tokens: int | None) -> None:
+    """Answer questions about SCAN (DICOM folder, .dcm, .nii/.nii.gz or .npy) with a bundle."""
+    import dataclasses
+    import time
+    from pathlib import Path
+
+    from m3d_edge.imaging import ImagingError
+    from m3d_edge.runtime.answer import write_answer
+    from m3d_edge.runtime.pipeline import RuntimeInputError
+
+    if stream and as_json:
+        raise click.UsageError("--stream prints text as it comes, --json prints it at the end: choose one")
+    pipeline = _load_pipeline(bundle_dir, device)
+    out = Path(out_dir) if out_dir else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        start = time.perf_counter()
+        volume = pipeline.read(scan)
+        read_s = time.perf_counter() - start
+        records = []
+        for i, question in enumerate(questions or DEFAULT_QUESTIONS, start=1):
+            if stream:
+                click.echo(f"Q{i}: {question}\nA{i}: ", nl=False)
+            answer = pipeline.ask(volume, question, max_new_tokens=max_new_tokens,
+                                  on_text=(lambda piece: click.echo(piece, nl=False)) if stream else None)
+            if i == 1:
+                answer = dataclasses.replace(answer, timings={"read": read_s, **answer.timings})
+            files = {}
+            if out is not None:
+                start = time.perf_counter()
+                files = write_answer(answer, out, source=volume, stem=f"answer-{i}")
+                answer = dataclasses.replace(answer, timings={**answer.timings, "write": time.perf_counter() - start})
+            record = {**answer.to_dict(), "files": files}
+            records.append(record)
+            if as_json:
+                continue
+            if not stream:
+                click.echo(f"Q{i}: {question}\nA{i}: {answer.text}", nl=False)
+            click.echo("")
+            for box in answer.boxes:
+                lo, hi = box.patient_mm
+                click.echo(f"    box voxels (z0,y0,x0,z1,y1,x1) {list(box.voxels)}; LPS mm "
+                           f"[{', '.join(f'{v:.1f}' for v in lo)}] .. [{', '.join(f'{v:.1f}' for v in hi)}]")
+            if "mask" in record:
+                click.echo(f"    mask: {record['mask']['voxels']} voxels, {record['mask']['volume_ml']} ml")
+            for kind, path in files.items():
+                click.echo(f"    {kind}: {path}")
+            click.echo("    time: " + ", ".join(f"{k} {v:.2f}s" for k, v in answer.timings.items() if v > 0))
+    except (RuntimeInputError, ImagingError) as e:
+        raise click.ClickException(str(e)) from e
+    if out is not None:
+        (out / "answers.json").write_text(json.dumps(records, indent=2))
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+
+
+@main.command()
+@click.argument("scan", type=click.Path(exists=True, path_type=str))
+@click.option("--bundle", "bundle_dir", default=None, type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="Bundle folder [default: phantom-small, built once into ~/.cache/m3d-edge/bundles].")
+@click.option("--repeat", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Timed runs (after one warm-up run); medians are printed.")
+@click.option("-q", "--question", "questions", multiple=True, help="A question [default: the four of `run`].")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
+def bench(scan: str, bundle_dir: str | None, repeat: int, questions: tuple[str, ...], max_new_tokens: int,
+          device: str, as_json: bool) -> None:
+    """Time each runtime stage on SCAN: median over --repeat cold runs of all questions."""
+    from m3d_edge.runtime.pipeline import RuntimeInputError, measure
+
+    pipeline = _load_pipeline(bundle_dir, device)
+    try:
+        result = measure(pipeline, scan, questions or DEFAULT_QUESTIONS, repeat=repeat, max_new_tokens=max_new_tokens)
+    except RuntimeInputError as e:
+        raise click.ClickException(str(e)) from e
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    cold, warm = result["cold"], result["warm"]
+    click.echo(f"median of {repeat} runs, {len(result['questions'])} questions, <= {max_new_tokens} new tokens")
+    click.echo(f"{'stage':12s} {'first question':>15s} {'next questions':>15s}")
+    for stage in cold:
+        w = f"{warm[stage] * 1000:13.1f}ms" if stage in warm else f"{'-':>15s}"
+        click.echo(f"{stage:12s} {cold[stage] * 1000:13.1f}ms {w}")
+    ttft, rate = result["first_token_s"], result["decode_tokens_per_s"]
+    click.echo(f"time to first token: {ttft['cold']:.3f}s cold" +
+               (f", {ttft['warm']:.3f}s with the scan cached" if ttft["warm"] is not None else ""))
+    if rate:
+        click.echo(f"decode: {rate:.1f} tokens/s")
+
+@main.group()
+def train() -> None:
+    """Train models (M3D-CLIP, stage 1 align, stage 2 instruct, or the whole phantom-small recipe)."""
+
+
+@train.command("recipe")
+@click.argument("name", type=click.Choice(["phantom-small"]))
+@click.option("--out", required=True, type=click.Path(path_type=str), help="Run folder (resumes if it exists).")
+@click.option("--data", default=None, type=click.Path(exists=True, path_type=str),
+              help="M3D-layout data set (phantoms or M3D-Data); default: synthesize one into OUT/data.")
+@click.option("--n-cases", default=160, show_default=True, type=click.IntRange(min=10), help="Phantoms to synthesize.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--clip-steps", default=400, show_default=True, type=click.IntRange(min=1))
+@click.option("--align-steps", default=300, show_default=True, type=click.IntRange(min=1))
+@click.option("--instruct-steps", default=1200, show_default=True, type=click.IntRange(min=1))
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def train_recipe(name: str, out: str, data: str | None, n_cases: int, seed: int, clip_steps: int, align_steps: int,
+                 instruct_steps: int, progress: bool) -> None:
+    """Run synth -> clip -> align -> instruct end to end and save OUT/model (a compact checkpoint)."""
+    from m3d_edge.train.recipe import RecipeConfig, run_recipe
+
+    try:
+        path = run_recipe(RecipeConfig(out=out, data=data, n_cases=n_cases, seed=seed, clip_steps=clip_steps,
+                                       align_steps=align_steps, instruct_steps=instruct_steps, progress=progress))
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(str(path))
+
+
 @main.command()
 @click.argument("checkpoint")
 @click.option("--out", "out", required=True, type=click.Path(path_type=str), help="New folder for the bundle.")

@@ -94,7 +94,8 @@ def test_stage_lowers_the_loss(tiny, tmp_path, stage):
     assert len(log) == 8 and "lm_loss" in log[0]
     if stage == "instruct":
         assert "dice_loss" in log[0]
-        adapter = stages.merge_lora(model)
+        adapter, settings = stages.merge_lora(model)
+        assert settings["r"] == 16 and settings["lora_alpha"] == 32
         assert any("lora_A" in k for k in adapter)
         assert not any("lora" in n for n, _ in model.named_parameters())
 

@@ -86,3 +86,140 @@ class LaMedCollator:
             raise ValueError(f"{sample.source or 'a sample'}: {what} has shape {tuple(array.shape)}, "
                              f"expected {(1, *self.image_shape)}; preprocess it with m3d_edge.preprocess")
         return array
+
+
+# -- the eight tasks over the M3D layouts ---------------------------------------------------------------------------
+
+TASKS = ("caption", "vqa_closed", "vqa_open", "seg", "rec", "reg", "refseg")
+
+
+@dataclass(frozen=True)
+class TaskItem:
+    """One training or evaluation sample, by reference (arrays are read when the item is used).
+
+    image: a model-input .npy [1, 32, 256, 256] (or, for refseg, a ct.nii.gz preprocessed on load)
+    mask:  a model-grid mask .npy (seg) or a mask.nii.gz whose region `mask_id` is the target (refseg)
+    target: what scoring needs (the answer letter, the box, the class name), as text
+    """
+
+    task: str
+    image: str
+    question: str
+    answer: str
+    mask: Optional[str] = None
+    mask_id: Optional[int] = None
+    target: str = ""
+
+
+def task_items(root, split: str, tasks: Sequence[str] = TASKS, *, seed: int = 0,
+               seg_code: Optional[str] = None) -> list[TaskItem]:
+    """All samples of `split` for `tasks`, read from the M3D layouts under `root` (phantom or real M3D-Data).
+
+    Every referenced file must exist (the readers check), so a broken data set fails here, before training.
+    Phrasings are drawn from data.prompts with a seeded RNG, so a split always yields the same samples.
+    """
+    import random
+    from pathlib import Path
+
+    from m3d_edge.data import m3d_formats as fmt
+    from m3d_edge.data import prompts as P
+
+    unknown = set(tasks) - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {', '.join(TASKS)}")
+    root = Path(root)
+    rng = random.Random(f"{seed}-{split}")
+    items: list[TaskItem] = []
+    vqa_split = {"validation": "val"}.get(split, split)
+    if "caption" in tasks:
+        for c in fmt.read_cap(root, split):
+            items.append(TaskItem("caption", str(c.image_path), P.caption_question(rng), c.report.strip()))
+    if {"vqa_closed", "vqa_open"} & set(tasks):
+        for r in fmt.read_vqa(root, vqa_split):
+            image = str(root / r.image_path)
+            if "vqa_closed" in tasks:
+                q = P.closed_vqa_question(r.question, [r.choice_a, r.choice_b, r.choice_c, r.choice_d])
+                items.append(TaskItem("vqa_closed", image, q, P.closed_vqa_answer(r.answer_choice, r.answer),
+                                      target=r.answer_choice))
+            if "vqa_open" in tasks:
+                items.append(TaskItem("vqa_open", image, r.question, str(r.answer), target=str(r.answer)))
+    if {"seg", "rec", "reg"} & set(tasks):
+        codes = [seg_code] if seg_code else sorted(p.name for p in (root / fmt.SEG_DIR).iterdir() if p.is_dir())
+        for code in codes:
+            for s in fmt.read_seg(root, code, split):
+                image, mask = str(root / fmt.SEG_DIR / s.image), str(root / fmt.SEG_DIR / s.label)
+                box = _model_box(mask)
+                name = s.class_name
+                if "seg" in tasks:
+                    q, a = P.seg_sample(name, rng, present=box is not None)
+                    items.append(TaskItem("seg", image, q, a, mask if box is not None else None, target=name))
+                if "rec" in tasks:
+                    q, a = P.rec_sample(name, box, rng)
+                    items.append(TaskItem("rec", image, q, a, target=str(box) if box else ""))
+                if "reg" in tasks and box is not None:
+                    q, a = P.reg_sample(name, box, rng)
+                    items.append(TaskItem("reg", image, q, a, target=name))
+    if "refseg" in tasks:
+        refseg_split = {"validation": "val"}.get(split, split)
+        for r in fmt.read_refseg(root, refseg_split):
+            base = root / fmt.REFSEG_DIR
+            items.append(TaskItem("refseg", str(base / r.image), r.question, r.answer, str(base / r.mask), r.mask_id,
+                                  target=r.answer))
+    return items
+
+
+def _model_box(mask_path: str) -> Optional[list[float]]:
+    from m3d_edge.preprocess import box_from_mask
+
+    mask = np.load(mask_path, mmap_mode="r")
+    if mask.size == 1:  # official empty-class marker [1, 1, 1, 1]
+        return None
+    return box_from_mask(np.asarray(mask[0]))
+
+
+class TaskDataset(Dataset):
+    """TaskItems -> LaMedSamples, reading arrays on access (refseg scans are preprocessed with the `ct` spec)."""
+
+    def __init__(self, items: Sequence[TaskItem], image_shape: tuple[int, int, int] = (32, 256, 256)) -> None:
+        self.items = list(items)
+        self.image_shape = tuple(image_shape)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> LaMedSample:
+        it = self.items[i]
+        if it.task == "refseg":
+            from m3d_edge.imaging import read
+            from m3d_edge.preprocess import to_model_input
+
+            volume = read(it.image)
+            x, transform = to_model_input(volume, "ct", out_shape=self.image_shape)
+            region = read(it.mask).array == it.mask_id
+            mask = transform.mask_to_model(region)[None].astype(np.float32)
+            return LaMedSample(x[0], it.question, it.answer, mask, source=it.mask)
+        image = np.load(it.image)
+        mask = None
+        if it.mask is not None:
+            mask = np.load(it.mask).astype(np.float32)
+        return LaMedSample(image.astype(np.float32, copy=False), it.question, it.answer, mask, source=it.image)
+
+
+def validate_items(items: Sequence[TaskItem], image_shape: tuple[int, int, int] = (32, 256, 256)) -> None:
+    """Check every image and mask header before training starts (cheap: .npy headers are read, not the data)."""
+    from pathlib import Path
+
+    expected = (1, *image_shape)
+    for it in items:
+        for path in (it.image, it.mask):
+            if path is None:
+                continue
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{path}: referenced by a {it.task} sample but missing")
+            if path.endswith(".npy"):
+                shape = np.load(path, mmap_mode="r").shape
+                if shape != expected and not (path == it.mask and shape == (1, 1, 1, 1)):
+                    raise ValueError(f"{path}: shape {shape}, expected {expected} (a {it.task} sample); "
+                                     f"regenerate it with m3d_edge.preprocess")
+        if not it.answer.strip():
+            raise ValueError(f"{it.image}: a {it.task} sample has an empty answer")

@@ -161,7 +161,10 @@ def load(path: str | Path) -> LaMed:
         cfg = load_config(folder)
     except ValueError as e:
         raise CheckpointError(str(e)) from e
-    official = json.loads((folder / "config.json").read_text()).get("model_type", "").startswith("lamed_")
+    raw = json.loads((folder / "config.json").read_text())
+    if raw.get("storage", {}).get("format") == DELTA_FORMAT:
+        return _load_delta(folder, cfg, raw["storage"])
+    official = raw.get("model_type", "").startswith("lamed_")
     state = read_state_dict(folder)
     if official:
         state = {official_to_ours(k): v for k, v in state.items()}
@@ -240,4 +243,76 @@ def load_clip(path: str | Path):
         raise CheckpointError(f"{folder}: weights do not match the M3D-CLIP config.\n  missing: {_summarise(missing)}\n"
                               f"  unexpected: {_summarise(unexpected)}")
     model.load_state_dict({k: state[k] for k in given})
+    return model.eval()
+
+
+# -- compact folders: only what differs from the pretrained LLM -------------------------------------------------------
+
+DELTA_FORMAT = "delta-from-base/1"
+
+
+def save_delta(model: LaMed, path: str | Path, *, adapter: Mapping[str, torch.Tensor], lora: Mapping,
+               tokenizer=None) -> Path:
+    """Save a model whose LLM is a pretrained base (cfg.llm.source) + merged LoRA + new token rows, storing only
+    the difference: vision, projector, seg weights, the new embedding rows and the LoRA adapter (peft keys).
+
+    `load` rebuilds the base, merges the same adapter the same way and so reproduces the saved model bit for bit.
+    """
+    cfg = model.cfg
+    if cfg.llm.source == "config":
+        raise ValueError("a delta checkpoint needs a pretrained LLM source (smollm2, gguf:, hf:)")
+    base_vocab = cfg.im_patch_id
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("llm.")}
+    state["llm.new_embedding_rows"] = model.embed_tokens.weight[base_vocab:]
+    if not getattr(model.llm.config, "tie_word_embeddings", False):
+        state["llm.new_lm_head_rows"] = model.base_llm.lm_head.weight[base_vocab:]
+    state.update({f"lora.{k}": v for k, v in adapter.items()})
+    out = Path(path)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose a new folder or remove it first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        config = {**cfg.to_dict(), "storage": {"format": DELTA_FORMAT, "base_vocab": base_vocab, "lora": dict(lora)}}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _load_delta(folder: Path, cfg: ModelConfig, storage: Mapping) -> LaMed:
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    state = read_state_dict(folder)
+    model = build(cfg, pretrained_llm=True)
+    base_vocab = int(storage["base_vocab"])
+    lora = storage.get("lora")
+    if lora:
+        adapter = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
+        model.llm = get_peft_model(model.llm, LoraConfig(**lora))
+        result = set_peft_model_state_dict(model.llm, adapter)
+        if getattr(result, "unexpected_keys", None):
+            raise CheckpointError(f"{folder}: adapter keys the LoRA config does not have: "
+                                  f"{_summarise(result.unexpected_keys)}")
+        model.llm = model.llm.merge_and_unload()
+    with torch.no_grad():
+        model.embed_tokens.weight[base_vocab:] = state.pop("llm.new_embedding_rows")
+        if "llm.new_lm_head_rows" in state:
+            model.base_llm.lm_head.weight[base_vocab:] = state.pop("llm.new_lm_head_rows")
+    rest = {k: v for k, v in state.items() if not k.startswith("lora.")}
+    expected = {k for k in model.state_dict() if not k.startswith("llm.")}
+    missing, unexpected = sorted(expected - set(rest)), sorted(set(rest) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: the weights do not match the model built from its config.\n"
+                              f"  missing ({len(missing)}): {_summarise(missing)}\n"
+                              f"  unexpected ({len(unexpected)}): {_summarise(unexpected)}")
+    model.load_state_dict(rest, strict=False)
     return model.eval()

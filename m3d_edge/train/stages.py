@@ -49,27 +49,31 @@ def align_params(model: LaMed) -> list[nn.Parameter]:
     return list(model.mm_projector.parameters())
 
 
-def add_lora(model: LaMed, *, r: int = 16, alpha: int = 32, dropout: float = 0.05) -> None:
-    """Wrap the LLM with peft LoRA adapters (official settings: r 16, alpha 32, dropout 0.05)."""
+def add_lora(model: LaMed, *, r: int = 16, alpha: int = 32, dropout: float = 0.05,
+             targets: tuple[str, ...] = LORA_TARGETS) -> None:
+    """Wrap the LLM with peft LoRA adapters (official settings: r 16, alpha 32, dropout 0.05, every linear)."""
     from peft import LoraConfig, get_peft_model
 
     names = {n.rsplit(".", 1)[-1] for n, m in model.llm.named_modules() if isinstance(m, nn.Linear)}
-    targets = sorted(names & set(LORA_TARGETS))
+    targets = sorted(names & set(targets))
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", target_modules=targets,
                         task_type="CAUSAL_LM")
     model.llm = get_peft_model(model.llm, config)
 
 
-def merge_lora(model: LaMed) -> dict[str, torch.Tensor]:
-    """Fold the adapters into the base weights (the model becomes a plain LaMed again); returns the adapter
-    weights so they can be kept beside the merged checkpoint."""
+def merge_lora(model: LaMed) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Fold the adapters into the base weights (the model becomes a plain LaMed again). Returns the adapter
+    weights and the LoRA settings, so that `checkpoint.save_delta` can keep them beside the merged model."""
     from peft import PeftModel, get_peft_model_state_dict
 
     if not isinstance(model.llm, PeftModel):
         raise ValueError("the model has no LoRA adapters to merge")
+    pc = model.llm.peft_config["default"]
+    settings = {"r": pc.r, "lora_alpha": pc.lora_alpha, "lora_dropout": pc.lora_dropout, "bias": pc.bias,
+                "target_modules": sorted(pc.target_modules), "task_type": "CAUSAL_LM"}
     adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model.llm).items()}
     model.llm = model.llm.merge_and_unload()
-    return adapter
+    return adapter, settings
 
 
 def instruct_params(model: LaMed, *, train_embeddings: bool = False) -> list[nn.Parameter]:
