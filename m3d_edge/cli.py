@@ -58,6 +58,25 @@ def info(as_json: bool) -> None:
 
 # -- commands added by later modules go below this line (keep one command per block) --
 
+@main.command("eval")
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="M3D-layout data set whose test split the model never saw.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=str), help="JSON file for the results.")
+@click.option("--clip", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str),
+              help="clip.safetensors of the recipe, for retrieval R@1/5/10 over 100 fresh phantoms.")
+@click.option("--real-ct", default=None, type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="Folder with example_ct_sm.nii.gz and example_seg.nii.gz (TotalSegmentator's example).")
+@click.option("--per-task", default=30, show_default=True, type=click.IntRange(min=1))
+def evaluate(checkpoint: str, data: str, out: str, clip: str | None, real_ct: str | None, per_task: int) -> None:
+    """Held-out M3D-Bench metrics of CHECKPOINT (PyTorch, fp32, greedy), as a model card reports them."""
+    from m3d_edge.bench.evaluate import model_card_metrics, write_report_json
+
+    result = model_card_metrics(checkpoint, data, clip=clip, real_ct=real_ct, per_task=per_task)
+    write_report_json(out, result)
+    click.echo(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1, default=float))
+
+
 DEFAULT_QUESTIONS = (
     "Please generate a medical report based on this image.",
     "Which contrast phase was this CT acquired in?",

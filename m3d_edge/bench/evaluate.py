@@ -171,3 +171,44 @@ def write_report_json(path: str | Path, payload: dict) -> Path:
     tmp.write_text(json.dumps(payload, indent=1, default=float))
     tmp.replace(path)
     return path
+
+
+TOTALSEG_LABELS = {"liver": (5,), "spleen": (1,), "kidney": (2, 3)}
+
+
+def load_phantom_clip(path: str | Path):
+    """The M3D-CLIP of the phantom-small recipe (phantom-small ViT + MiniLM text encoder) from its safetensors."""
+    from safetensors.torch import load_file
+
+    from m3d_edge.config import ClipConfig, preset
+    from m3d_edge.model.clip import M3DCLIP, build_text_encoder
+
+    cfg = ClipConfig(vision=preset("phantom-small").vision, text_hf_config={}, text_source="minilm")
+    clip = M3DCLIP(cfg, build_text_encoder(cfg))
+    clip.load_state_dict(load_file(str(path)))
+    return clip.eval()
+
+
+def model_card_metrics(checkpoint_dir: str | Path, data: str | Path, *, clip: Optional[str | Path] = None,
+                       real_ct: Optional[str | Path] = None, per_task: int = 30, progress: bool = True) -> dict:
+    """Everything a model card reports: held-out task metrics, CLIP retrieval, and the real-CT check."""
+    from m3d_edge.model import checkpoint, llm as llm_mod
+
+    t0 = time.perf_counter()
+    model = checkpoint.load(checkpoint_dir)
+    tok = llm_mod.load_tokenizer(model.cfg.llm, checkpoint_dir)
+    out: dict = {"checkpoint": str(checkpoint_dir), "data": str(data)}
+    split = evaluate_split(model, tok, data, "test", per_task=per_task, progress=progress)
+    out["test"] = split["summary"]
+    out["rows"] = split["rows"]
+    stats = Path(data) / "stats.json"
+    if stats.is_file():
+        out["baselines"] = json.loads(stats.read_text()).get("splits", {}).get("test")
+    if clip is not None:
+        out["clip_retrieval"] = clip_retrieval(load_phantom_clip(clip))
+    if real_ct is not None:
+        folder = Path(real_ct)
+        out["real_ct"] = real_ct_check(model, tok, folder / "example_ct_sm.nii.gz", folder / "example_seg.nii.gz",
+                                       TOTALSEG_LABELS)
+    out["seconds"] = time.perf_counter() - t0
+    return out
