@@ -187,34 +187,38 @@ def _rematerialise_buffers(model: LaMed) -> None:
         raise CheckpointError(f"tensors left uninitialised after loading: {_summarise(leftover)}")
 
 
-def save(model: LaMed, path: str | Path, *, tokenizer=None, official: bool = False) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer files) atomically: a temp folder renamed at the end.
+def _write_folder(out: Path, state: Mapping[str, torch.Tensor], config: Mapping, tokenizer=None) -> Path:
+    """config.json + model.safetensors (+ tokenizer files) written into a temporary sibling folder that is renamed
+    to `out` only when complete: an interrupted save leaves no half folder."""
+    import shutil
 
-    official=True writes the official flat config and key names, loadable by the official code.
-    """
-    out = Path(path)
     if out.exists():
         raise FileExistsError(f"{out} exists; choose a new folder or remove it first")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in _tied_keys(model)}
-        if official:
-            state = {ours_to_official(k): v for k, v in state.items()}
-            config = model.cfg.to_official()
-        else:
-            config = model.cfg.to_dict()
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         os.replace(tmp, out)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def save(model: LaMed, path: str | Path, *, tokenizer=None, official: bool = False) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer files) atomically.
+
+    official=True writes the official flat config and key names, loadable by the official code.
+    """
+    state = {k: v for k, v in model.state_dict().items() if k not in _tied_keys(model)}
+    if official:
+        return _write_folder(Path(path), {ours_to_official(k): v for k, v in state.items()}, model.cfg.to_official(),
+                             tokenizer)
+    return _write_folder(Path(path), state, model.cfg.to_dict(), tokenizer)
 
 
 def load_clip(path: str | Path):
@@ -267,25 +271,8 @@ def save_delta(model: LaMed, path: str | Path, *, adapter: Mapping[str, torch.Te
     if not getattr(model.llm.config, "tie_word_embeddings", False):
         state["llm.new_lm_head_rows"] = model.base_llm.lm_head.weight[base_vocab:]
     state.update({f"lora.{k}": v for k, v in adapter.items()})
-    out = Path(path)
-    if out.exists():
-        raise FileExistsError(f"{out} exists; choose a new folder or remove it first")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
-        config = {**cfg.to_dict(), "storage": {"format": DELTA_FORMAT, "base_vocab": base_vocab, "lora": dict(lora)}}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    config = {**cfg.to_dict(), "storage": {"format": DELTA_FORMAT, "base_vocab": base_vocab, "lora": dict(lora)}}
+    return _write_folder(Path(path), state, config, tokenizer)
 
 
 def _load_delta(folder: Path, cfg: ModelConfig, storage: Mapping) -> LaMed:
