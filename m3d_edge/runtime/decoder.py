@@ -110,15 +110,55 @@ class Generated:
 # -- the cache ---------------------------------------------------------------------------------------------------
 
 class KVCache:
-    """Keys and values of every layer, [1, kv, max_length, d] each, allocated once on `device`."""
+    """Keys and values of every layer, [1, kv, max_length, d] each, allocated once on `device`.
+
+    On the CPU each buffer is a numpy array wrapped (not copied) by its OrtValue, so the host can read and write
+    rows directly: `snapshot` / `restore` copy a prompt prefix out of and back into the cache (the pipeline keeps
+    the image prefix of a scan this way). On a GPU the buffers live in device memory and have no such view.
+    """
 
     def __init__(self, spec: DecoderSpec, max_length: int, dtype=np.float32, device: str = "cpu") -> None:
         shape = (1, spec.num_kv_heads, max_length, spec.head_dim)
         self.nbytes = 2 * spec.num_layers * int(np.prod(shape)) * np.dtype(dtype).itemsize
         self.max_length = max_length
         self.length = 0  # rows that hold real positions
-        self.buffers = [tuple(ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0) for _ in range(2))
-                        for _ in range(spec.num_layers)]
+        if device == "cpu":
+            # ortvalue_from_numpy shares the array's memory; the OrtValue keeps the array alive
+            self.arrays: Optional[list[tuple[np.ndarray, np.ndarray]]] = [
+                (np.zeros(shape, dtype), np.zeros(shape, dtype)) for _ in range(spec.num_layers)]
+            self.buffers = [tuple(ort.OrtValue.ortvalue_from_numpy(a) for a in pair) for pair in self.arrays]
+        else:
+            self.arrays = None
+            self.buffers = [tuple(ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
+                                  for _ in range(2)) for _ in range(spec.num_layers)]
+
+    @property
+    def host_visible(self) -> bool:
+        return self.arrays is not None
+
+    def snapshot(self, length: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Copies of the first `length` rows of every layer: [(k, v)] each [1, kv, length, d]."""
+        if self.arrays is None:
+            raise RuntimeError("the KV cache lives in device memory; snapshots are only available on the CPU")
+        if not 0 < length <= self.length:
+            raise ValueError(f"cannot snapshot {length} rows of a cache holding {self.length}")
+        return [(k[:, :, :length].copy(), v[:, :, :length].copy()) for k, v in self.arrays]
+
+    def restore(self, snapshot: Sequence[tuple[np.ndarray, np.ndarray]], length: Optional[int] = None) -> None:
+        """Write the first `length` rows of a snapshot (default: all of them) back and make them the cache.
+
+        Keys and values of position p depend only on positions <= p, so any leading part of a snapshot is the
+        exact cache of that shorter prefix."""
+        if self.arrays is None:
+            raise RuntimeError("the KV cache lives in device memory; snapshots are only available on the CPU")
+        n = snapshot[0][0].shape[2] if length is None else length
+        if not 0 < n <= snapshot[0][0].shape[2] or n > self.max_length or len(snapshot) != len(self.arrays):
+            raise ValueError(f"snapshot of {snapshot[0][0].shape[2]} rows x {len(snapshot)} layers cannot restore "
+                             f"{n} rows into a cache of {self.max_length} x {len(self.arrays)}")
+        for (k, v), (sk, sv) in zip(self.arrays, snapshot):
+            k[:, :, :n] = sk[:, :, :n]
+            v[:, :, :n] = sv[:, :, :n]
+        self.length = n
 
     def bind(self, binding: ort.IOBinding) -> None:
         for i, (k, v) in enumerate(self.buffers):
@@ -196,15 +236,20 @@ class Decoder:
         return logits, hidden
 
     def stream(self, inputs_embeds: np.ndarray, options: GenerationOptions = GenerationOptions(), *,
-               seg_token_id: Optional[int] = None, logits_processor: Optional[LogitsProcessor] = None) -> "Stream":
+               seg_token_id: Optional[int] = None, logits_processor: Optional[LogitsProcessor] = None,
+               past_length: int = 0) -> "Stream":
         """Start generating after the prompt [1, T, H] (already assembled: text + image tokens). Iterate the result
-        for token ids as they come; its `.result` is the Generated once iteration ends."""
-        return Stream(self, inputs_embeds, options, seg_token_id, logits_processor)
+        for token ids as they come; its `.result` is the Generated once iteration ends.
+
+        past_length: the cache already holds the prompt's first `past_length` positions (put there with
+        `cache.restore`); `inputs_embeds` is then the rest of the prompt, [1, T - past_length, H]."""
+        return Stream(self, inputs_embeds, options, seg_token_id, logits_processor, past_length)
 
     def generate(self, inputs_embeds: np.ndarray, options: GenerationOptions = GenerationOptions(), *,
                  seg_token_id: Optional[int] = None, logits_processor: Optional[LogitsProcessor] = None,
-                 on_token: Optional[Callable[[int], None]] = None) -> Generated:
-        stream = self.stream(inputs_embeds, options, seg_token_id=seg_token_id, logits_processor=logits_processor)
+                 on_token: Optional[Callable[[int], None]] = None, past_length: int = 0) -> Generated:
+        stream = self.stream(inputs_embeds, options, seg_token_id=seg_token_id, logits_processor=logits_processor,
+                             past_length=past_length)
         for token in stream:
             if on_token is not None:
                 on_token(token)
@@ -235,11 +280,16 @@ class Stream:
     options: GenerationOptions
     seg_token_id: Optional[int]
     logits_processor: Optional[LogitsProcessor]
+    past_length: int = 0
     result: Optional[Generated] = field(default=None, init=False)
 
     def __iter__(self) -> Iterator[int]:
         opts, dec = self.options, self.decoder
-        needed = self.inputs_embeds.shape[1] + opts.max_new_tokens - 1  # the last token is never fed
+        if self.past_length > dec.cache.length:
+            raise ValueError(f"past_length {self.past_length} but the cache holds {dec.cache.length} positions; "
+                             f"restore the prefix into the cache first")
+        prompt_length = self.past_length + self.inputs_embeds.shape[1]
+        needed = prompt_length + opts.max_new_tokens - 1  # the last token is never fed
         if needed > dec.cache.max_length:
             raise ValueError(f"{needed} positions (prompt + max_new_tokens - 1) do not fit the KV cache "
                              f"({dec.cache.max_length}); build the Decoder with a larger max_length")
@@ -247,7 +297,7 @@ class Stream:
         stop = set(opts.stop_ids)
         ids: list[int] = []
         seg = _SegCapture()
-        dec.reset()
+        dec.cache.length = self.past_length  # 0: a fresh prompt; stale rows need no clearing (the mask hides them)
         logits, hidden = dec.forward(self.inputs_embeds)
         on_generated = False  # the state that produced `logits` was computed on a generated token
         reason = "length"
@@ -267,5 +317,4 @@ class Stream:
                 break  # the last token is never fed: its state could only predict a token we will not make
             logits, hidden = dec.forward(dec.embed([token]))
             on_generated = True
-        self.result = Generated(ids=ids, seg_hidden=seg.mean(), prompt_length=self.inputs_embeds.shape[1],
-                                stop_reason=reason)
+        self.result = Generated(ids=ids, seg_hidden=seg.mean(), prompt_length=prompt_length, stop_reason=reason)

@@ -1,0 +1,354 @@
+"""The slim runtime (runtime.pipeline) against the torch model, its caches, errors, threads and the `run` command.
+
+Bundles are exported once per module from seeded tiny LaMeds with an fp32 decoder: one official-style
+(positional image placement, separate seg encoder), one like our presets (by_id placement, seg module reading the
+vision tower's patch tokens). The tiny random models never write [SEG] or a box on their own, so a logits
+processor forces those tokens on both sides: the rest of the path (seg graphs, mask inversion, box mapping) then
+runs on real numbers.
+"""
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from tokenizers import Tokenizer
+
+from m3d_edge.cli import main as cli
+from m3d_edge.config import preset
+from m3d_edge.data.phantom import generate_case
+from m3d_edge.data.prompts import image_prompt, parse_boxes
+from m3d_edge.export import bundle as bundle_export
+from m3d_edge.imaging import Volume, read, write_nifti, write_series
+from m3d_edge.model import checkpoint
+from m3d_edge.preprocess import to_model_input
+from m3d_edge.runtime.bundle import BundleError
+from m3d_edge.runtime.pipeline import Pipeline, RuntimeInputError, sigmoid_mask
+
+SEG, BX_START, BX_END, EOS = 259, 257, 258, 2  # tiny preset ids
+BOX_TEXT = "[0.125, 0.332, 0.1, 0.5, 0.7, 0.6]"
+MAX_NEW = 48  # room for a forced box (36 byte tokens) and some free text
+
+
+def _model(placement: str, shared: bool, seed: int):
+    cfg = preset("tiny")
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, image_placement=placement),
+                              seg=dataclasses.replace(cfg.seg, share_vision_encoder=shared))
+    torch.manual_seed(seed)
+    model = checkpoint.build(cfg).eval()
+    # the bundle stores the embedding table as float16; give torch the same numbers so the comparison is exact
+    # (the fp16 table's own cost is measured in test_export)
+    with torch.no_grad():
+        model.embed_tokens.weight.copy_(model.embed_tokens.weight.half().float())
+    return model
+
+
+@pytest.fixture(scope="module")
+def models_and_bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runtime-bundles")
+    out = {}
+    for name, placement, shared, seed in (("positional", "positional", False, 0), ("by_id", "by_id", True, 1)):
+        model = _model(placement, shared, seed)
+        out[name] = (model, bundle_export.build(model, root / name, llm="fp32", progress=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(models_and_bundles):
+    return models_and_bundles["positional"][1]
+
+
+@pytest.fixture(scope="module")
+def pipeline(bundle_dir):
+    return Pipeline.load(bundle_dir)
+
+
+@pytest.fixture(scope="module")
+def case_volume():
+    return generate_case(0).volume  # int16 HU, 56 x 160 x 160
+
+
+@pytest.fixture(scope="module")
+def other_volume():
+    return generate_case(0, 1).volume
+
+
+def forcing(steps: dict[int, int]):
+    """Logits processors (torch [B, V] and numpy [V]) that force token steps[k] at generation step k."""
+    def torch_proc(sofar, logits):
+        if sofar.shape[1] not in steps:
+            return logits
+        out = torch.full_like(logits, float("-inf"))
+        out[:, steps[sofar.shape[1]]] = 0
+        return out
+
+    def numpy_proc(sofar, logits):
+        if len(sofar) not in steps:
+            return logits
+        out = np.full_like(logits, -np.inf)
+        out[steps[len(sofar)]] = 0
+        return out
+
+    return torch_proc, numpy_proc
+
+
+def forced_text(tokenizer: Tokenizer, text: str, start: int = 1) -> dict[int, int]:
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    return {start + i: t for i, t in enumerate(ids)}
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    total = int(a.sum() + b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+# -- (a) no torch ---------------------------------------------------------------------------------------------------
+
+def test_runtime_answers_with_torch_unimportable(bundle_dir):
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'transformers'):\n"
+        "    sys.modules[name] = None  # any import of them now raises ImportError\n"
+        "import numpy as np\n"
+        "from m3d_edge.imaging import Volume\n"
+        "from m3d_edge.runtime.pipeline import Pipeline\n"
+        f"p = Pipeline.load({str(bundle_dir)!r})\n"
+        "arr = np.random.default_rng(0).integers(-1000, 1000, (20, 64, 64)).astype(np.int16)\n"
+        "a = p.ask(Volume(arr, np.diag([3.0, 1.0, 1.0, 1.0])), 'What is this?', max_new_tokens=4)\n"
+        "assert 1 <= len(a.token_ids) <= 4, a\n"
+        "heavy = ('torch', 'transformers', 'm3d_edge.model', 'm3d_edge.export', 'm3d_edge.train', 'm3d_edge.kernels')\n"
+        "loaded = [m for m, mod in sys.modules.items() if mod is not None and m.startswith(heavy)]\n"
+        "assert not loaded, loaded\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+# -- (b) equivalence with the torch model ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("placement", ["positional", "by_id"])
+def test_pipeline_matches_torch_generate(placement, models_and_bundles, case_volume):
+    model, bundle = models_and_bundles[placement]
+    pipe = Pipeline.load(bundle)
+    tok = pipe.tokenizer
+    box = {1: BX_START, **forced_text(tok, BOX_TEXT, start=2)}
+    box[max(box) + 1] = BX_END
+    prompts = [
+        ("What is in this image?", {}),
+        ("Where is the liver? Please output the box.", box),
+        ("Can you segment the liver in this image? Please output the mask.", {3: SEG}),
+        ("Please segment the spleen.", {2: SEG, 5: SEG}),  # two [SEG]: their predicting states are averaged
+        ("Segment it.", {0: SEG}),  # [SEG] as the very first token has no predicting state: no mask (official)
+    ]
+    x, transform = to_model_input(case_volume, "ct")
+    masks = 0
+    for question, steps in prompts:
+        torch_proc, numpy_proc = forcing(steps)
+        ids = torch.tensor([tok.encode(image_prompt(question, model.cfg.num_image_tokens)).ids])
+        with torch.no_grad():
+            ref = model.generate(torch.from_numpy(x), ids, max_new_tokens=MAX_NEW, eos_token_id=[EOS],
+                                 logits_processor=torch_proc)
+        got = pipe.ask(case_volume, question, max_new_tokens=MAX_NEW, logits_processor=numpy_proc)
+        expected_ids = ref.ids[0].tolist()
+        assert list(got.token_ids) == expected_ids, f"{placement} {question!r}"
+        ref_text = tok.decode(expected_ids, skip_special_tokens=True)
+        assert got.text == ref_text
+        ref_boxes = parse_boxes(ref_text)
+        assert [b.normalized for b in got.boxes] == ref_boxes
+        assert [b.voxels for b in got.boxes] == [tuple(transform.box_to_voxels(b)) for b in ref_boxes]
+        if steps is box:
+            assert len(got.boxes) == 1 and got.boxes[0].normalized == (0.125, 0.332, 0.1, 0.5, 0.7, 0.6)
+        assert got.has_mask == bool(ref.has_seg[0]), question
+        if got.has_mask:
+            masks += 1
+            ref_mask = transform.invert_mask(sigmoid_mask(ref.seg_logits.numpy())[0, 0])
+            assert got.mask.shape == case_volume.shape and np.array_equal(got.mask.affine, case_volume.affine)
+            d = dice(got.mask.array, ref_mask.array)
+            assert d >= 0.999, f"{placement} {question!r}: mask Dice {d:.5f} vs torch"
+            assert got.timings["seg"] > 0
+    assert masks == 2
+    runs = pipe.runs
+    assert runs["vision"] == 1 and runs["seg_decoder"] == 2
+    assert runs["seg_encoder"] == (0 if placement == "by_id" else 1)  # by_id bundle: shared tower, no seg encoder
+
+
+def test_stream_pieces_add_up_to_the_answer(pipeline, case_volume):
+    steps = forced_text(pipeline.tokenizer, "Größe: 3 cm [", start=0)  # 2-byte characters split across tokens
+    steps[max(steps) + 1] = SEG
+    steps[max(steps) + 1] = EOS
+    _, numpy_proc = forcing(steps)
+    stream = pipeline.stream(case_volume, "Describe it.", max_new_tokens=20, logits_processor=numpy_proc)
+    pieces = list(stream)
+    assert stream.answer is not None and "".join(pieces) == stream.answer.text
+    assert stream.answer.text == "Größe: 3 cm [[SEG]" and all("\ufffd" not in p for p in pieces)
+    assert stream.answer.stop_reason == "stop" and stream.answer.has_mask
+    seen = []
+    again = pipeline.ask(case_volume, "Describe it.", max_new_tokens=20, logits_processor=numpy_proc,
+                         on_text=seen.append)
+    assert "".join(seen) == again.text and again.token_ids == stream.answer.token_ids
+
+
+# -- (c) one vision run per scan ------------------------------------------------------------------------------------
+
+def test_features_and_image_prefix_computed_once_per_scan(bundle_dir, case_volume):
+    pipe = Pipeline.load(bundle_dir)
+    questions = ["What is in this image?", "Where is the liver? Please output the box.", "Which phase is it?"]
+    answers = pipe.ask_many(case_volume, questions, max_new_tokens=8)
+    assert pipe.runs["vision"] == 1
+    assert pipe.runs["prefix_prefill"] == 1 and pipe.runs["prefix_reused"] == 2
+    assert all(a.timings["vision"] == 0.0 for a in answers[1:]) and answers[0].timings["vision"] > 0
+    # the same voxels in another object are the same scan; changed voxels are another
+    copy = Volume(case_volume.array.copy(), case_volume.affine.copy())
+    reused = pipe.ask(copy, questions[2], max_new_tokens=8)
+    assert pipe.runs["vision"] == 1 and reused.token_ids == answers[2].token_ids
+    changed = case_volume.array.copy()
+    changed[10, 20, 30] += 1
+    pipe.ask(Volume(changed, case_volume.affine), questions[0], max_new_tokens=8)
+    assert pipe.runs["vision"] == 2
+    # reusing the cached prefix gives exactly what a cold start gives
+    pipe.clear_cache()
+    cold = [pipe.ask(case_volume, q, max_new_tokens=8) for q in reversed(questions)]
+    assert [a.token_ids for a in reversed(cold)] == [a.token_ids for a in answers]
+    assert pipe.runs["vision"] == 3
+
+
+# -- (d) errors leave the pipeline serving --------------------------------------------------------------------------
+
+def test_errors_are_clear_and_the_pipeline_keeps_serving(pipeline, bundle_dir, case_volume, tmp_path):
+    question = "What is in this image?"
+    reference = pipeline.ask(case_volume, question, max_new_tokens=MAX_NEW).token_ids
+
+    def still_serving():
+        assert pipeline.ask(case_volume, question, max_new_tokens=MAX_NEW).token_ids == reference
+
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle_dir, bad)
+    data = bytearray((bad / "seg_decoder.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / "seg_decoder.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="seg_decoder.onnx: sha256"):
+        Pipeline.load(bad)
+    still_serving()
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["format"] = "m3d-edge-bundle/2"
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="not known to this runtime"):
+        Pipeline.load(bad)
+    still_serving()
+
+    nan = case_volume.array.astype(np.float32)
+    nan[5, 50, 50] = np.nan
+    with pytest.raises(RuntimeInputError, match="1 NaN or infinite voxels"):
+        pipeline.ask(Volume(nan, case_volume.affine), question)
+    still_serving()
+    flat = tmp_path / "slice.npy"
+    np.save(flat, np.zeros((64, 64), np.float32))
+    with pytest.raises(RuntimeInputError, match="cannot read the scan"):
+        pipeline.ask(flat, question)
+    still_serving()
+    with pytest.raises(RuntimeInputError, match="preprocessing refused"):
+        pipeline.ask(Volume(np.full((8, 32, 32), -1024, np.int16), np.eye(4)), question)  # no voxel in the window
+    still_serving()
+    long_question = "Describe every organ. " * 30  # ~660 byte tokens + 257: the tiny model's context is 512
+    with pytest.raises(RuntimeInputError, match="shorten the question"):
+        pipeline.ask(case_volume, long_question)
+    still_serving()
+    with pytest.raises(RuntimeInputError, match="top_p"):
+        pipeline.ask(case_volume, question, top_p=2.0, do_sample=True)
+    still_serving()
+
+
+def test_by_id_prompt_with_a_stray_image_token_is_refused(models_and_bundles, case_volume):
+    pipe = Pipeline.load(models_and_bundles["by_id"][1])
+    with pytest.raises(RuntimeInputError, match="<im_patch> tokens"):
+        pipe.ask(case_volume, "What is <im_patch> here?")
+    assert len(pipe.ask(case_volume, "What is here?", max_new_tokens=4).token_ids) >= 1
+
+
+def test_tensorrt_request_falls_back_with_a_warning(bundle_dir):
+    with pytest.warns(RuntimeWarning, match="falling back to ONNX Runtime"):
+        pipe = Pipeline.load(bundle_dir, backend="tensorrt")
+    assert not pipe.engines.tensorrt
+
+
+# -- (e) threads ----------------------------------------------------------------------------------------------------
+
+def test_two_threads_get_the_answers_of_sequential_asks(bundle_dir, case_volume, other_volume):
+    _, seg = forcing({2: SEG})
+    jobs = [(case_volume, "What is in this image?", None), (other_volume, "Segment the liver.", seg),
+            (case_volume, "Segment the liver.", seg), (other_volume, "What is in this image?", None)]
+    sequential = Pipeline.load(bundle_dir)
+    expected = [sequential.ask(v, q, max_new_tokens=MAX_NEW, logits_processor=p) for v, q, p in jobs]
+    shared = Pipeline.load(bundle_dir)
+    results: list = [None] * len(jobs)
+    errors: list = []
+    barrier = threading.Barrier(2)
+
+    def worker(indices):
+        try:
+            barrier.wait()
+            for i in indices:
+                v, q, p = jobs[i]
+                results[i] = shared.ask(v, q, max_new_tokens=MAX_NEW, logits_processor=p)
+        except BaseException as e:  # reported below; an exception in a thread would otherwise vanish
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(idx,)) for idx in ([0, 1], [3, 2])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for got, want in zip(results, expected):
+        assert got.token_ids == want.token_ids and got.text == want.text
+        assert got.has_mask == want.has_mask
+        if want.has_mask:
+            assert np.array_equal(got.mask.array, want.mask.array)
+    assert shared.runs["vision"] == 2  # each scan encoded once, although both threads asked about both
+
+
+# -- (f) the command line -------------------------------------------------------------------------------------------
+
+def test_cli_run_writes_answers_masks_and_overlays(bundle_dir, case_volume, tmp_path, monkeypatch):
+    scan = write_nifti(case_volume, tmp_path / "case.nii.gz")
+    out = tmp_path / "out"
+    # the random model never asks for a mask; force one [SEG] so the mask writers run too
+    original = Pipeline.ask
+
+    def ask_with_seg(self, volume, question, **kwargs):
+        if "segment" in question:
+            kwargs["logits_processor"] = forcing({2: SEG})[1]
+        return original(self, volume, question, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "ask", ask_with_seg)
+    runner = CliRunner()
+    r = runner.invoke(cli, ["run", str(scan), "--bundle", str(bundle_dir), "--out", str(out), "--json",
+                            "--max-new-tokens", "8", "-q", "What is this?", "-q", "Please segment the liver."])
+    assert r.exit_code == 0, r.output
+    records = json.loads(r.stdout)
+    assert [rec["question"] for rec in records] == ["What is this?", "Please segment the liver."]
+    assert json.loads((out / "answers.json").read_text()) == records
+    assert "read" in records[0]["timings_s"] and "write" in records[1]["timings_s"]
+    files = records[1]["files"]
+    assert sorted(files) == ["json", "mask", "overlay"]  # NIfTI input: no DICOM SEG
+    mask = read(files["mask"])
+    assert mask.shape == case_volume.shape and np.allclose(mask.affine, case_volume.affine, atol=1e-4)
+    assert int(np.count_nonzero(mask.array)) == records[1]["mask"]["voxels"] > 0
+    assert json.loads((out / "answer-2.json").read_text())["files"]["mask"] == files["mask"]
+
+    # DICOM in: the mask also goes out as a DICOM SEG referencing the series
+    dicom = tmp_path / "dicom"
+    write_series(case_volume, dicom)
+    r = runner.invoke(cli, ["run", str(dicom), "--bundle", str(bundle_dir), "--out", str(tmp_path / "out2"),
+                            "--max-new-tokens", "4", "-q", "Please segment the liver."])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "out2" / "answer-1-seg.dcm").is_file() and "dicom_seg:" in r.output
+    r = runner.invoke(cli, ["run", str(tmp_path / "case.nii.gz"), "--bundle", str(bundle_dir), "--stream", "--json"])
+    assert r.exit_code == 2 and "choose one" in r.output
