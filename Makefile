@@ -18,6 +18,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PYTHON) -m m3d_edge.cli info
+	$(PYTHON) -m m3d_edge.cli run ../shared/data/totalseg/example_ct_sm.nii.gz --out out/demo
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
