@@ -278,18 +278,24 @@ def export(checkpoint: str, out: str, llm: str, vision: str, tensorrt: bool, pro
     from m3d_edge.export import bundle
     from m3d_edge.model.checkpoint import CheckpointError
 
-    if tensorrt:
-        import onnxruntime
+    if tensorrt:  # fail before the (long) export when this machine cannot build engines
+        from m3d_edge.export.tensorrt import TensorRTUnavailable, gpu_tag
 
-        if "TensorrtExecutionProvider" not in onnxruntime.get_available_providers():
-            raise click.UsageError("--tensorrt needs an NVIDIA GPU with TensorRT and onnxruntime-gpu; this machine "
-                                   "has neither. Export without --tensorrt (the bundle runs on ONNX Runtime).")
-        raise click.UsageError("--tensorrt: TensorRT engine building is not implemented yet (export.tensorrt); "
-                               "export without it.")
+        try:
+            gpu_tag()
+        except TensorRTUnavailable as e:
+            raise click.UsageError(f"--tensorrt: {e}. Export without --tensorrt (the bundle runs on ONNX Runtime).")
     try:
         path = bundle.build(checkpoint, out, llm=llm, vision=vision, progress=progress)
     except (FileExistsError, FileNotFoundError, CheckpointError, bundle.BundleBuildError, ValueError) as e:
         raise click.ClickException(str(e)) from e
+    if tensorrt:
+        from m3d_edge.export.tensorrt import EngineBuildError, build_engines
+
+        try:
+            click.echo(f"engines: {build_engines(path, progress=progress)}")
+        except EngineBuildError as e:
+            raise click.ClickException(f"{e} (the ONNX bundle in {path} is complete and usable without engines)")
     click.echo(str(path))
 
 
