@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -32,33 +30,19 @@ import torch.nn.functional as F
 
 from m3d_edge.kernels.resample import foreground_box, minmax, resample, resample_reference
 from m3d_edge.kernels.spatial_pool import spatial_pool, spatial_pool_reference
+from m3d_edge.bench.timing import cuda_time_ms
 
 GRID, C, K = (8, 16, 16), 768, 2
 CT_SHAPE, MODEL_SHAPE = (300, 512, 512), (32, 256, 256)
 HU_WINDOW = (-1000.0, 1000.0)
 
 
-def time_ms(fn: Callable[[], object], runs: int, warmup: int = 10) -> float:
-    """Median wall time of fn on the GPU, in ms (CUDA events around each call; synchronised before reading)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
 
 def copy_bandwidth_gbs(runs: int) -> float:
     """Device copy bandwidth: a 1 GiB D2D copy moves 2 GiB (read + write)."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), runs=max(5, runs // 5), warmup=3)
+    ms = cuda_time_ms(lambda: dst.copy_(src), runs=max(5, runs // 5), warmup=3)
     return 2 * (1 << 30) / (ms * 1e-3) / 1e9
 
 
@@ -82,8 +66,8 @@ def bench_pool(runs: int, copy_gbs: float) -> list[dict]:
             x = torch.randn(b, 1 + GRID[0] * GRID[1] * GRID[2], C, device="cuda").to(dtype)[:, 1:]  # CLS dropped
             out = torch.empty(b, 256, C, device="cuda", dtype=dtype)
             err = (spatial_pool(x, GRID, K) - spatial_pool_reference(x, GRID, K)).abs().max().item()
-            kernel_ms = time_ms(lambda: spatial_pool(x, GRID, K, out=out), runs)
-            chain_ms = time_ms(lambda: official_pool_chain(x), runs)
+            kernel_ms = cuda_time_ms(lambda: spatial_pool(x, GRID, K, out=out), runs)
+            chain_ms = cuda_time_ms(lambda: official_pool_chain(x), runs)
             nbytes = (x.shape[1] + out.shape[1]) * b * C * x.element_size()
             rows.append(_row(f"spatial_pool B={b} {_name(dtype)}", kernel_ms, chain_ms, nbytes, copy_gbs, err))
     return rows
@@ -143,14 +127,14 @@ def bench_resample(runs: int, copy_gbs: float) -> list[dict]:
         kw = dict(window=window, crop_foreground=crop, mode=mode)
         ref = resample_reference(v, MODEL_SHAPE, out_dtype=torch.float32, **kw)
         err = (resample(v, MODEL_SHAPE, out_dtype=torch.float32, **kw) - ref).abs().max().item()
-        kernel_ms = time_ms(lambda: resample(v, MODEL_SHAPE, out_dtype=torch.float16, out=out, **kw), runs)
-        chain_ms = time_ms(lambda: torch_chain(v, window=window, crop=crop, mode=mode), runs)
+        kernel_ms = cuda_time_ms(lambda: resample(v, MODEL_SHAPE, out_dtype=torch.float16, out=out, **kw), runs)
+        chain_ms = cuda_time_ms(lambda: torch_chain(v, window=window, crop=crop, mode=mode), runs)
         shape = crop_shape if crop else CT_SHAPE
         read = np.prod([touched(n, o, mode) for n, o in zip(shape, MODEL_SHAPE)]) * v.element_size()
         nbytes = int(read) + out_bytes + vol_bytes * ((window is None) + crop)
         rows.append(_row(f"resample {label}", kernel_ms, chain_ms, nbytes, copy_gbs, err))
     # The reductions alone.
-    rows.append(_row("minmax", time_ms(lambda: minmax(v), runs), time_ms(lambda: torch.aminmax(v), runs),
+    rows.append(_row("minmax", cuda_time_ms(lambda: minmax(v), runs), cuda_time_ms(lambda: torch.aminmax(v), runs),
                      vol_bytes, copy_gbs, 0.0))
     return rows
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
+from m3d_edge.bench.timing import cuda_time_ms
 
 BATCHES = (1, 8)
 TIMED = ("vision", "seg_encoder", "seg_decoder")
@@ -43,22 +43,6 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
-
-def time_ms(fn: Callable[[], object], runs: int, warmup: int = 5) -> float:
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 class Report:
@@ -230,16 +214,16 @@ def measure(bundle: Path, folder: Path, args, report: Report, deadline: float) -
             if name not in TIMED or time.perf_counter() > deadline:
                 continue
             lat: dict[str, Any] = {"graph": name, "batch": batch, "runs": args.runs}
-            lat["tensorrt_ms"] = time_ms(lambda: engine(**feeds), args.runs)
+            lat["tensorrt_ms"] = cuda_time_ms(lambda: engine(**feeds), args.runs)
             if gpu is not None:
                 outs = {k: torch.empty_like(v) for k, v in got.items()}
-                lat["ort_cuda_ms"] = time_ms(ort_cuda_runner(gpu, feeds, outs), args.runs)
+                lat["ort_cuda_ms"] = cuda_time_ms(ort_cuda_runner(gpu, feeds, outs), args.runs)
             if module is not None:
                 args_in = [feeds[i.name] for i in cpu.get_inputs()]
                 with torch.no_grad():
-                    lat["eager_fp32_ms"] = time_ms(lambda: module(*args_in), args.runs)
+                    lat["eager_fp32_ms"] = cuda_time_ms(lambda: module(*args_in), args.runs)
                     with torch.autocast("cuda", dtype=torch.float16):
-                        lat["eager_fp16_autocast_ms"] = time_ms(lambda: module(*args_in), args.runs)
+                        lat["eager_fp16_autocast_ms"] = cuda_time_ms(lambda: module(*args_in), args.runs)
             report.data["latency"].append(lat)
             report.save()
             print(f"[tensorrt_check] latency {name} b{batch}: {lat}", flush=True)
