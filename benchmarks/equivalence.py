@@ -96,11 +96,13 @@ def main() -> int:
                 else:
                     ref = transform.invert_mask((g.seg_logits[0, 0].numpy() > 0).astype(np.uint8)).array
                     row["mask_dice"] = dice(ans.mask.array, ref)
+                    row["mask_voxels"] = [int(np.count_nonzero(ans.mask.array)), int(np.count_nonzero(ref))]
             rows.append(row)
             print(f"{task:10s} ids {'=' if row['ids_equal'] else 'DIFF'}  {ans.text[:70]!r}", flush=True)
     summary = {"prompts": len(rows), "tasks": sorted({r["task"] for r in rows}),
                "ids_equal": sum(r["ids_equal"] for r in rows), "boxes_equal": sum(r["boxes_equal"] for r in rows),
-               "masks": [r["mask_dice"] for r in rows if "mask_dice" in r], "checkpoint": args.checkpoint,
+               "masks": [r["mask_dice"] for r in rows if "mask_dice" in r],
+               "mask_voxels": [r["mask_voxels"] for r in rows if "mask_voxels" in r], "checkpoint": args.checkpoint,
                "date": time.strftime("%Y-%m-%d %H:%M")}
     out = Path(args.out)
     (out / "equivalence.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
@@ -110,7 +112,9 @@ def main() -> int:
              f"- identical token ids: {summary['ids_equal']} / {len(rows)}",
              f"- identical boxes: {summary['boxes_equal']} / {len(rows)}",
              f"- masks written: {len(summary['masks'])}; Dice runtime vs torch: "
-             + (", ".join(f"{d:.4f}" for d in summary["masks"]) or "none (no [SEG] written)"), "",
+             + (", ".join(f"{d:.4f}" for d in summary["masks"]) or "none (no [SEG] written)"),
+             "- mask voxels (runtime, torch): " + (", ".join(f"{a}/{b}" for a, b in summary["mask_voxels"]) or "-")
+             + " (Dice of two empty masks counts as 1.0)", "",
              "| task | question | runtime answer | same ids |", "|---|---|---|---|"]
     lines += [f"| {r['task']} | {r['question'][:60]} | {r['runtime'][:60].replace('|', '/')} | "
               f"{'yes' if r['ids_equal'] else 'no'} |" for r in rows]

@@ -29,6 +29,7 @@ from m3d_edge.imaging import Volume, read, write_nifti, write_series
 from m3d_edge.model import checkpoint
 from m3d_edge.preprocess import to_model_input
 from m3d_edge.runtime.bundle import BundleError
+from m3d_edge.bench.metrics import dice
 from m3d_edge.runtime.pipeline import Pipeline, RuntimeInputError, sigmoid_mask
 
 SEG, BX_START, BX_END, EOS = 259, 257, 258, 2  # tiny preset ids
@@ -103,12 +104,6 @@ def forced_text(tokenizer: Tokenizer, text: str, start: int = 1) -> dict[int, in
     return {start + i: t for i, t in enumerate(ids)}
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0, b > 0
-    total = int(a.sum() + b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
-
-
 # -- (a) no torch ---------------------------------------------------------------------------------------------------
 
 def test_runtime_answers_with_torch_unimportable(bundle_dir):
@@ -170,6 +165,8 @@ def test_pipeline_matches_torch_generate(placement, models_and_bundles, case_vol
             masks += 1
             ref_mask = transform.invert_mask(sigmoid_mask(ref.seg_logits.numpy())[0, 0])
             assert got.mask.shape == case_volume.shape and np.array_equal(got.mask.affine, case_volume.affine)
+            # a non-empty reference, else two empty masks would agree trivially
+            assert ref_mask.array.any(), f"{placement} {question!r}: torch mask is empty; choose another seed"
             d = dice(got.mask.array, ref_mask.array)
             assert d >= 0.999, f"{placement} {question!r}: mask Dice {d:.5f} vs torch"
             assert got.timings["seg"] > 0
