@@ -8,8 +8,8 @@ import json
 import subprocess
 import sys
 import time
-
 from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 import pytest
