@@ -23,6 +23,7 @@ keeps the class lists in `dataset_info.py`; pass them to `read_seg(class_names=.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -209,20 +210,24 @@ def vqa_path(root: str | os.PathLike, split: str) -> Path:
     return Path(root) / VQA_DIR / f"M3D_VQA_{split}.csv"
 
 
+def _csv_text(columns: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A CSV table as text (built in memory, so a bad row fails before any file is touched)."""
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(columns)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
 def write_vqa(root: str | os.PathLike, split: str, records: Iterable[VQARecord]) -> Path:
     """Write M3D-VQA/M3D_VQA_<split>.csv with the official header."""
-    path = vqa_path(root, split)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(VQA_COLUMNS)
+    def rows():
         for r in records:
             if r.answer_choice not in "ABCD" or len(r.answer_choice) != 1:
                 raise M3DFormatError(f"answer choice {r.answer_choice!r} must be one letter A-D")
-            w.writerow(r.row())
-    os.replace(tmp, path)
-    return path
+            yield r.row()
+
+    return write_text(vqa_path(root, split), _csv_text(VQA_COLUMNS, rows()))
 
 
 def _read_table(path: Path, columns: Sequence[str]) -> Iterable[tuple[int, dict[str, str]]]:
@@ -370,16 +375,8 @@ def refseg_path(root: str | os.PathLike, split: str) -> Path:
 
 def write_refseg(root: str | os.PathLike, split: str, records: Iterable[RefSegRecord]) -> Path:
     """Write M3D_RefSeg.csv (train), M3D_RefSeg_test.csv (test) or M3D_RefSeg_val.csv (ours)."""
-    path = refseg_path(root, split)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(REFSEG_COLUMNS)
-        for r in records:
-            w.writerow([r.image, r.mask, r.mask_id, r.question_type, r.question, r.answer])
-    os.replace(tmp, path)
-    return path
+    rows = ([r.image, r.mask, r.mask_id, r.question_type, r.question, r.answer] for r in records)
+    return write_text(refseg_path(root, split), _csv_text(REFSEG_COLUMNS, rows))
 
 
 def read_refseg(root: str | os.PathLike, split: str) -> list[RefSegRecord]:

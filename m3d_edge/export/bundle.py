@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from m3d_edge import __version__
+from m3d_edge.export import reporter
 from m3d_edge.config import BX_END, BX_START, IM_PATCH, SEG, preset
 from m3d_edge.export import llm as llm_export
 from m3d_edge.export import onnx as onnx_export
@@ -69,7 +70,7 @@ def build(checkpoint_or_model: str | Path | LaMed, out_dir: str | Path, *, llm: 
         raise ValueError(f"llm={llm!r} is not supported; expected one of {', '.join(LLM_PRECISIONS)}")
     if vision not in VISION_PRECISIONS:
         raise ValueError(f"vision={vision!r} is not supported; expected one of {', '.join(VISION_PRECISIONS)}")
-    say = _reporter(progress)
+    say = reporter(progress)
     source = _load_source(checkpoint_or_model, tokenizer, say)
     model = source.model.eval()
     arch = type(model.llm).__name__
@@ -245,13 +246,3 @@ def _library_versions() -> dict[str, Optional[str]]:
         except metadata.PackageNotFoundError:
             out[dist] = None
     return out
-
-
-def _reporter(progress: bool) -> Callable[[str], None]:
-    if not progress:
-        return lambda message: None
-
-    def say(message: str) -> None:
-        print(f"[export] {message}", flush=True)
-
-    return say

@@ -33,8 +33,9 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
+from m3d_edge.export import reporter
 from m3d_edge.runtime import bundle as bundle_reader
 from m3d_edge.runtime.trt import (ENGINE_SUFFIX, ENGINES_DIR, ENGINES_FORMAT, ENGINES_JSON, GRAPHS, TensorRTUnavailable,
                                   TRTEngine, choose_engines, describe_engine, engines_for_this_gpu, gpu_tag,
@@ -68,7 +69,7 @@ def build_engines(bundle_dir: str | Path, *, fp16: bool = True, max_batch: int =
     tag = gpu_tag()  # TensorRTUnavailable before anything is read or written
     trt = import_tensorrt()
     torch = require_cuda()
-    say = _reporter(progress)
+    say = reporter(progress, "tensorrt")
     root = Path(bundle_dir)
     bundle = bundle_reader.load(root, verify=True)  # never build engines from a damaged bundle
     names = [g for g in GRAPHS if bundle.has(g)] if graphs is None else list(graphs)
@@ -332,13 +333,3 @@ def _build_lock(engines_root: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _reporter(progress: bool) -> Callable[[str], None]:
-    if not progress:
-        return lambda message: None
-
-    def say(message: str) -> None:
-        print(f"[tensorrt] {message}", flush=True)
-
-    return say
