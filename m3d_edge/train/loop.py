@@ -83,9 +83,12 @@ def _epoch_loader(dataset: Dataset, cfg: TrainConfig, collate: Callable, epoch: 
                       num_workers=cfg.num_workers, drop_last=len(dataset) >= cfg.batch_size)
 
 
-def run(model: nn.Module, params: Iterable[nn.Parameter], dataset: Dataset, collate: Callable, loss_fn: LossFn,
-        cfg: TrainConfig, *, resume: bool = True, accelerator=None) -> TrainResult:
-    """Train `params` of `model` for `cfg.max_steps` optimizer steps (resuming when a checkpoint exists)."""
+def run(model: nn.Module, params: Iterable[nn.Parameter] | Iterable[dict], dataset: Dataset, collate: Callable,
+        loss_fn: LossFn, cfg: TrainConfig, *, resume: bool = True, accelerator=None) -> TrainResult:
+    """Train `params` of `model` for `cfg.max_steps` optimizer steps (resuming when a checkpoint exists).
+
+    `params` is a list of parameters (all at cfg.lr) or of optimizer groups {"params": [...], "lr": ...}.
+    """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -95,10 +98,14 @@ def run(model: nn.Module, params: Iterable[nn.Parameter], dataset: Dataset, coll
         accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
                                   mixed_precision="bf16" if torch.cuda.is_available() else "no")
     torch.manual_seed(cfg.seed)
-    params = [p for p in params if p.requires_grad]
+    groups = [dict(g) if isinstance(g, dict) else {"params": [g]} for g in params]
+    for g in groups:
+        g["params"] = [p for p in g["params"] if p.requires_grad]
+    groups = [g for g in groups if g["params"]]
+    params = [p for g in groups for p in g["params"]]
     if not params:
         raise ValueError("nothing to train: no parameter requires grad")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * cfg.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, cfg.max_steps, warmup))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -50,6 +50,7 @@ class RecipeConfig:
     lr_clip: float = 1e-4
     lr_align: float = 1e-3
     lr_instruct: float = 2e-4
+    lr_seg: float = 1e-3  # the seg module starts from scratch (docs/training.md: it learns at 1e-3)
     lora_r: int = 16
     progress: bool = True
 
@@ -190,7 +191,10 @@ def train_instruct(cfg: RecipeConfig, model, collate, items: Sequence[TaskItem],
     frozen_rows = model.cfg.im_patch_id * emb.weight.shape[1]  # pretrained embedding rows, gradient zeroed
     trainable = sum(p.numel() for p in params if p.requires_grad) - frozen_rows
     _log(f"instruct: {len(mix)} samples, {cfg.instruct_steps} steps, {trainable / 1e6:.1f} M trainable values")
-    run(model, params, TaskDataset(mix), collate, stages.lamed_loss,
+    seg_ids = {id(p) for m in (model.seg_module, model.seg_projector) for p in m.parameters()}
+    groups = [{"params": [p for p in params if id(p) not in seg_ids]},
+              {"params": [p for p in params if id(p) in seg_ids], "lr": cfg.lr_seg}]
+    run(model, groups, TaskDataset(mix), collate, stages.lamed_loss,
         TrainConfig(out=str(out), max_steps=cfg.instruct_steps, batch_size=cfg.batch, lr=cfg.lr_instruct,
                     save_every=max(1, cfg.instruct_steps // 6), seed=cfg.seed, progress=cfg.progress))
     return stages.merge_lora(model)
