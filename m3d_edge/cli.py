@@ -240,6 +240,57 @@ def train() -> None:
     """Train models (M3D-CLIP, stage 1 align, stage 2 instruct, or the whole phantom-small recipe)."""
 
 
+def _stage_options(steps_default: int):
+    def wrap(f):
+        f = click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=str),
+                         help="M3D-layout data set (phantoms from `m3d-edge synth`, or M3D-Data).")(f)
+        f = click.option("--out", required=True, type=click.Path(path_type=str),
+                         help="Run folder (resumes from its newest checkpoint if it exists).")(f)
+        f = click.option("--steps", default=steps_default, show_default=True, type=click.IntRange(min=1))(f)
+        f = click.option("--seed", default=0, show_default=True, type=int)(f)
+        return click.option("--progress/--no-progress", default=True, show_default=True)(f)
+    return wrap
+
+
+def _run_stage(fn, *args) -> None:
+    try:
+        click.echo(str(fn(*args)))
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+
+
+@train.command("clip")
+@_stage_options(400)
+def train_clip(data: str, out: str, steps: int, seed: int, progress: bool) -> None:
+    """M3D-CLIP: the phantom-small ViT against the MiniLM text encoder; writes OUT/clip.safetensors."""
+    from m3d_edge.train.recipe import RecipeConfig, clip_stage
+
+    _run_stage(clip_stage, RecipeConfig(out=out, seed=seed, clip_steps=steps, progress=progress), data)
+
+
+@train.command("align")
+@_stage_options(300)
+@click.option("--clip", "clip", required=True, type=click.Path(exists=True, dir_okay=False, path_type=str),
+              help="clip.safetensors of a CLIP run (its vision encoder initialises the tower).")
+def train_align(data: str, out: str, steps: int, seed: int, progress: bool, clip: str) -> None:
+    """Stage 1: the projector alone learns (ViT and LLM frozen); writes OUT/model."""
+    from m3d_edge.train.recipe import RecipeConfig, align_stage
+
+    _run_stage(align_stage, RecipeConfig(out=out, seed=seed, align_steps=steps, progress=progress), data, clip)
+
+
+@train.command("instruct")
+@_stage_options(1200)
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="Checkpoint folder to start from (an align run's OUT/model).")
+def train_instruct(data: str, out: str, steps: int, seed: int, progress: bool, model_dir: str) -> None:
+    """Stage 2: LoRA + projector + vision + seg on all tasks; writes OUT/model (compact, LoRA kept)."""
+    from m3d_edge.train.recipe import RecipeConfig, instruct_stage
+
+    _run_stage(instruct_stage, RecipeConfig(out=out, seed=seed, instruct_steps=steps, progress=progress), data,
+               model_dir)
+
+
 @train.command("recipe")
 @click.argument("name", type=click.Choice(["phantom-small"]))
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Run folder (resumes if it exists).")

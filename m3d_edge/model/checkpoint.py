@@ -255,8 +255,8 @@ def load_clip(path: str | Path):
 DELTA_FORMAT = "delta-from-base/1"
 
 
-def save_delta(model: LaMed, path: str | Path, *, adapter: Mapping[str, torch.Tensor], lora: Mapping,
-               tokenizer=None) -> Path:
+def save_delta(model: LaMed, path: str | Path, *, adapter: Optional[Mapping[str, torch.Tensor]] = None,
+               lora: Optional[Mapping] = None, tokenizer=None) -> Path:
     """Save a model whose LLM is a pretrained base (cfg.llm.source) + merged LoRA + new token rows, storing only
     the difference: vision, projector, seg weights, the new embedding rows and the LoRA adapter (peft keys).
 
@@ -270,8 +270,9 @@ def save_delta(model: LaMed, path: str | Path, *, adapter: Mapping[str, torch.Te
     state["llm.new_embedding_rows"] = model.embed_tokens.weight[base_vocab:]
     if not getattr(model.llm.config, "tie_word_embeddings", False):
         state["llm.new_lm_head_rows"] = model.base_llm.lm_head.weight[base_vocab:]
-    state.update({f"lora.{k}": v for k, v in adapter.items()})
-    config = {**cfg.to_dict(), "storage": {"format": DELTA_FORMAT, "base_vocab": base_vocab, "lora": dict(lora)}}
+    state.update({f"lora.{k}": v for k, v in (adapter or {}).items()})
+    config = {**cfg.to_dict(), "storage": {"format": DELTA_FORMAT, "base_vocab": base_vocab,
+                                           "lora": dict(lora) if lora else None}}
     return _write_folder(Path(path), state, config, tokenizer)
 
 

@@ -70,20 +70,68 @@ def run_recipe(cfg: RecipeConfig) -> Path:
 
         _log(f"synth: {cfg.n_cases} phantom cases -> {data}")
         synthesize(data, cfg.n_cases, cfg.seed, progress=cfg.progress)
-    train_items = task_items(data, "train", seed=cfg.seed)
-    _log(f"validating {len(train_items)} training samples")
-    validate_items(train_items)
-
+    train_items = validated_items(cfg, data)
     vision_state = train_clip(cfg, data, out / "clip")
+    model, tok, collate = phantom_small(vision_state)
+    train_align(cfg, model, collate, train_items, out / "align")
+    adapter, lora = train_instruct(cfg, model, collate, train_items, out / "instruct")
+    return _save(model, out / "model", tok, adapter, lora)
+
+
+# -- the stages one at a time (m3d-edge train clip | align | instruct) -------------------------------------------
+
+def clip_stage(cfg: RecipeConfig, data: str | Path) -> Path:
+    """CLIP only: writes OUT/clip.safetensors (+ the run's log and checkpoints)."""
+    validated_items(cfg, data)
+    train_clip(cfg, Path(data), Path(cfg.out))
+    return Path(cfg.out) / "clip.safetensors"
+
+
+def align_stage(cfg: RecipeConfig, data: str | Path, clip: str | Path) -> Path:
+    """Stage 1 from a CLIP run's weights: writes OUT/model (a compact checkpoint without LoRA)."""
+    from safetensors.torch import load_file
+
+    items = validated_items(cfg, data)
+    prefix = "vision_encoder."
+    vision = {k[len(prefix):]: v for k, v in load_file(str(clip)).items() if k.startswith(prefix)}
+    if not vision:
+        raise ValueError(f"{clip}: no vision_encoder.* weights; pass the clip.safetensors of a CLIP run")
+    model, tok, collate = phantom_small(vision)
+    train_align(cfg, model, collate, items, Path(cfg.out))
+    return _save(model, Path(cfg.out) / "model", tok)
+
+
+def instruct_stage(cfg: RecipeConfig, data: str | Path, model_dir: str | Path) -> Path:
+    """Stage 2 from an align checkpoint: writes OUT/model."""
+    storage = json.loads((Path(model_dir) / "config.json").read_text()).get("storage") or {}
+    if storage.get("lora"):
+        # a compact checkpoint holds one adapter over the base; a second one would be lost at reload
+        raise ValueError(f"{model_dir} already holds a LoRA adapter; start stage 2 from an align checkpoint")
+    items = validated_items(cfg, data)
+    model = checkpoint.load(model_dir)
+    tok = llm_mod.load_tokenizer(model.cfg.llm, model_dir)
+    collate = LaMedCollator(tok, model.cfg.num_image_tokens, model.cfg.vision.image_size, max_length=400)
+    adapter, lora = train_instruct(cfg, model, collate, items, Path(cfg.out))
+    return _save(model, Path(cfg.out) / "model", tok, adapter, lora)
+
+
+def validated_items(cfg: RecipeConfig, data: str | Path) -> list[TaskItem]:
+    items = task_items(data, "train", seed=cfg.seed)
+    _log(f"validating {len(items)} training samples")
+    validate_items(items)
+    return items
+
+
+def phantom_small(vision_state: dict[str, torch.Tensor]):
+    """The phantom-small LaMed (pretrained SmolLM2) with the given vision-tower weights, its tokenizer and collator."""
     model_cfg = preset("phantom-small")
     model = checkpoint.build(model_cfg)
     model.vision_tower.vision_tower.load_state_dict(vision_state)
     tok = llm_mod.load_tokenizer(model_cfg.llm)
-    collate = LaMedCollator(tok, model_cfg.num_image_tokens, model_cfg.vision.image_size, max_length=400)
+    return model, tok, LaMedCollator(tok, model_cfg.num_image_tokens, model_cfg.vision.image_size, max_length=400)
 
-    train_align(cfg, model, collate, train_items, out / "align")
-    adapter, lora = train_instruct(cfg, model, collate, train_items, out / "instruct")
-    final = out / "model"
+
+def _save(model, final: Path, tok, adapter=None, lora=None) -> Path:
     if not final.exists():
         checkpoint.save_delta(model.eval(), final, adapter=adapter, lora=lora, tokenizer=tok)
     _log(f"saved {final}")
