@@ -13,7 +13,7 @@ from m3d_edge.data.phantom.anatomy import (DEFAULT_TEMPLATE_DIR, HU_RANGES, LABE
                                            ORGAN_NAMES, PHASES, PLANE_ORIENTATION, PLANES, SEG_CLASSES, STRUCTURES,
                                            TEMPLATE_LABELS, Case, Lesion, generate_case, load_template, render_blob,
                                            sample_tissue_hu, smooth_noise)
-from m3d_edge.data.phantom.dataset import (CAP_GROUP, SEG_CODE, format_baselines, load_stats, m3d_box_iou,
+from m3d_edge.data.phantom.dataset import (CAP_GROUP, SEG_CODE, format_baselines, load_stats,
                                            majority_fraction, soft_dice, synthesize)
 from m3d_edge.data.phantom.text import ABNORMALITY_ANSWER, Referral, VQAItem, make_referrals, make_vqa, write_report
 # answer tables the tests read as `phantom._KIND_NOUN` etc.
@@ -27,6 +27,6 @@ __all__ = [
     # text
     "ABNORMALITY_ANSWER", "Referral", "VQAItem", "make_referrals", "make_vqa", "write_report",
     # dataset
-    "CAP_GROUP", "SEG_CODE", "format_baselines", "load_stats", "m3d_box_iou", "majority_fraction", "soft_dice",
+    "CAP_GROUP", "SEG_CODE", "format_baselines", "load_stats", "majority_fraction", "soft_dice",
     "synthesize",
 ]

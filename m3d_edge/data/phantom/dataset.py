@@ -21,6 +21,7 @@ import numpy as np
 from m3d_edge.data.phantom.anatomy import (_SEG_SOURCE, DEFAULT_TEMPLATE_DIR, PLANE_ORIENTATION, SEG_CLASSES, Case,
                                            generate_case)
 from m3d_edge.data.phantom.text import VQAItem, make_referrals, make_vqa, write_report
+from m3d_edge.data.prompts import box_iou_official
 
 # ------------------------------------------------------------------------------------------------------------------
 # Baselines: what a model that always gives the same answer scores
@@ -31,14 +32,6 @@ def majority_fraction(answers: Sequence[Any]) -> float:
     if not answers:
         return 0.0
     return Counter(answers).most_common(1)[0][1] / len(answers)
-
-
-def m3d_box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """The official REC score: intersection volume / volume of the box enclosing both (spec §8), +1e-6."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    inter = np.prod(np.clip(np.minimum(a[3:], b[3:]) - np.maximum(a[:3], b[:3]), 0, None))
-    hull = np.prod(np.maximum(a[3:], b[3:]) - np.minimum(a[:3], b[:3]))
-    return float(inter / (hull + 1e-6))
 
 
 def soft_dice(pred: np.ndarray, target: np.ndarray) -> float:
@@ -74,7 +67,7 @@ class _SplitStats:
         rec, seg = {}, {}
         for name, boxes in self.boxes.items():
             mean_box = np.mean(np.asarray(boxes), axis=0)
-            rec[name] = float(np.mean([m3d_box_iou(mean_box, b) for b in boxes]))
+            rec[name] = float(np.mean([box_iou_official(mean_box, b) for b in boxes]))
         for name, masks in self.small_masks.items():
             const = np.mean(masks, axis=0) > 0.5  # voxelwise majority over the split
             seg[name] = float(np.mean([soft_dice(const, m) for m in masks]))
