@@ -7,9 +7,9 @@ Model: phantom-small's LLM (SmolLM2-135M-Instruct + the four M3D tokens), built 
 `export.bundle` does for `preset:phantom-small`, or the LLM of the checkpoint folder given with --checkpoint.
 Writes bench-export.json and bench-export.md into --out-dir. Three parts, one run:
 
-1. Sizes. One fp32 bundle (`export.bundle.build`), and decoder.onnx re-made from its fp32 decoder at fp16, int4-rtn
-   and int4-hqq (`export.quantize`), plus a diagnostic int4-rtn with the LM head kept fp32
-   (`quantize_lm_head=False`); the other bundle files do not depend on the LLM precision, so they are counted
+1. Sizes. One fp32 bundle (`export.bundle.build`), and decoder.onnx re-made from its fp32 decoder at fp16,
+   int4-q41 (the default), int4-rtn and int4-hqq (`export.quantize`), plus a diagnostic int4-rtn with the LM head
+   kept fp32 (`lm_head="fp32"`); the other bundle files do not depend on the LLM precision, so they are counted
    once. The vision graphs are also exported at fp16 for their size. The GGUF llama.cpp reads is listed for scale.
 2. Decode speed, batch 1, greedy, the same token ids for every engine (a short ChatML prompt, tokenized with the
    bundle's tokenizer.json): decoder.onnx through `runtime.decoder.Decoder` (KV cache bound in place), PyTorch
@@ -17,7 +17,7 @@ Writes bench-export.json and bench-export.md into --out-dir. Three parts, one ru
    the GGUF. Each engine: prefill and first argmax (time to first token), then new_tokens - 1 decode steps, each
    a forward of one token plus an argmax; tokens/s = (new_tokens - 1) / decode time. Every engine runs in its own
    process (in one process llama.cpp, torch's OpenMP and the ORT thread pools slow each other down), all with
-   --threads threads; int4-rtn and llama.cpp are also run with 1 thread. One warm-up run per engine, then
+   --threads threads; int4-q41, int4-rtn and llama.cpp are also run with 1 thread. One warm-up run per engine, then
    `repeats` rounds in which every engine runs once (round robin, so a change in the machine's load hits every
    engine alike); median, min and max over the rounds.
 3. Quality on held-out phantom reports (`generate_case(seed=20_000, i)` + `write_report`; training data uses
@@ -31,11 +31,12 @@ Writes bench-export.json and bench-export.md into --out-dir. Three parts, one ru
 
 What is and is not comparable: phantom-small's SmolLM2 weights are read from the Q4_1 GGUF and dequantized by
 transformers, so "fp32" holds exactly the GGUF's values (Q4_1 blocks, Q8_0 token embedding = tied LM head) and
-llama.cpp runs the same weights in their packed form. int4-rtn re-quantizes those values (symmetric, block 32,
-fp32 scales, no zero point; LM head included), so it is a second rounding, not a rounding of the original bf16
-model. llama.cpp's Q4_1 is asymmetric (block 32, fp16 scale and min) and its LM head stays Q8_0. Both int4 paths
-quantize activations to 8 bits inside the matmul (ORT accuracy_level=4; llama.cpp's Q8_1 dot products). Engines
-differ beyond precision: ORT adds IO binding and a numpy argmax per step; llama.cpp samples in C.
+llama.cpp runs the same weights in their packed form. int4-q41 stores those Q4_1 blocks exactly (uint4 zero
+points plus float32 block offsets; LM head int8, exact for the Q8_0 embedding). int4-rtn re-quantizes them
+(symmetric, block 32, fp32 scales, no zero point; LM head included), so it is a second rounding, not a rounding of
+the original bf16 model. llama.cpp's Q4_1 is asymmetric (block 32, fp16 scale and min) and its LM head stays Q8_0.
+All int4 paths quantize activations to 8 bits inside the matmul (ORT accuracy_level=4; llama.cpp's Q8_1 dot
+products). Engines differ beyond precision: ORT adds IO binding and a numpy argmax per step; llama.cpp samples in C.
 
 Limits: CPU only, batch 1 timing, a small model (135 M), where per-step overhead (op dispatch, binding, the
 Python loop) weighs more than at 4 B / 7 B, so the ratios need not carry over to the official models. Timings on a shared machine move
@@ -65,7 +66,7 @@ from typing import Any, Optional, Protocol
 import numpy as np
 
 DEFAULT_PRESET = "phantom-small"
-PRECISIONS = ("fp32", "fp16", "int4-rtn", "int4-hqq")
+PRECISIONS = ("fp32", "fp16", "int4-q41", "int4-rtn", "int4-hqq")
 # a diagnostic beside the four bundle precisions: RTN with the LM head (the tied embedding) left fp32
 RTN_FP32_HEAD = "int4-rtn-fp32-head"
 BUNDLE_FILES = ("decoder.onnx", "decoder.onnx.data", "embeddings.npy", "vision.onnx", "seg_decoder.onnx",
@@ -191,7 +192,7 @@ def build_artefacts(source: Source, workdir: Path) -> dict[str, Any]:
                 info = quantize.decoder_to_fp16(decoders["fp32"], target)
             else:
                 info = quantize.quantize_decoder(decoders["fp32"], target, method=precision.split("-")[1],
-                                                 quantize_lm_head=precision != RTN_FP32_HEAD)
+                                                 lm_head="fp32" if precision == RTN_FP32_HEAD else None)
             seconds[f"decoder-{precision}"] = round(time.perf_counter() - t, 1)
             record.write_text(json.dumps(info, indent=2))  # written last: its presence marks a finished decoder
         decoders[precision] = target
@@ -741,6 +742,9 @@ def notes(result: dict[str, Any]) -> list[str]:
         out = ["Not the same weights: this checkpoint's LLM is not the untouched SmolLM2 GGUF that llama.cpp runs; "
                "the llama.cpp rows are the base model, for scale only."]
     out += ["Not the same format: llama.cpp Q4_1 is asymmetric (block 32, fp16 scale + min) with a Q8_0 LM head; "
+            "int4-q41 holds the same blocks as fp32 scale, uint4 zero point and a float32 offset (the zero point's "
+            "rounding remainder, applied as block sums of the activations times the offsets), with an int8 LM "
+            "head (Q8_0's rule): the GGUF's values exactly; "
             "int4-rtn is symmetric (block 32, fp32 scale, no zero point) with an int4 LM head; int4-hqq is "
             "asymmetric with float zero points, for which ORT's CPU kernel has no fast path.",
             "Timing covers the whole loop each engine needs (ORT: embedding lookup, IO binding, numpy argmax; "
@@ -790,7 +794,9 @@ def decode_speed(art: dict[str, Any], spec, gguf: Path, prompt: list[int],
     plan += [("PyTorch eager", "fp32", "torch", args.threads, {"hf_dir": art["hf"]}),
              ("llama.cpp", llama_weights, "llama", args.threads, {"gguf": gguf})]
     if args.threads != 1:  # a shared machine punishes thread barriers; one thread shows how much
-        plan += [("decoder.onnx int4-rtn, 1 thread", "int4-rtn", "ort", 1,
+        plan += [("decoder.onnx int4-q41, 1 thread", "int4-q41", "ort", 1,
+                  {"decoder_onnx": art["decoders"]["int4-q41"], "embeddings": embeddings, "spec": spec}),
+                 ("decoder.onnx int4-rtn, 1 thread", "int4-rtn", "ort", 1,
                   {"decoder_onnx": art["decoders"]["int4-rtn"], "embeddings": embeddings, "spec": spec}),
                  ("llama.cpp, 1 thread", llama_weights, "llama", 1, {"gguf": gguf})]
     say(f"starting {len(plan)} engine processes")

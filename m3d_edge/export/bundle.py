@@ -38,7 +38,8 @@ from m3d_edge.model import llm as llm_model
 from m3d_edge.model.lamed import LaMed
 from m3d_edge.runtime import bundle as bundle_reader
 
-LLM_PRECISIONS = ("int4-rtn", "int4-hqq", "fp32", "fp16")
+LLM_PRECISIONS = ("int4-q41", "int4-rtn", "int4-hqq", "fp32", "fp16")
+DEFAULT_LLM = "int4-q41"  # meets the int4 targets (size <= 30% of fp32, perplexity within 5%): docs/export.md
 VISION_PRECISIONS = onnx_export.PRECISIONS
 PRESET_PREFIX = "preset:"
 # M3D-Bench settings (spec §8): greedy, 256 new tokens.
@@ -56,7 +57,7 @@ class _Source:
     info: dict[str, Any]
 
 
-def build(checkpoint_or_model: str | Path | LaMed, out_dir: str | Path, *, llm: str = "int4-rtn",
+def build(checkpoint_or_model: str | Path | LaMed, out_dir: str | Path, *, llm: str = DEFAULT_LLM,
           vision: str = "fp32", progress: bool = True, tokenizer: Any = None) -> Path:
     """Export `checkpoint_or_model` into the new folder `out_dir` and return its path.
 

@@ -1,20 +1,35 @@
-"""Lower-precision decoder.onnx: 4-bit weights (MatMul -> MatMulNBits, int4, block 32) with onnxruntime's
-quantizer, and the fp16 variant (`decoder_to_fp16`).
+"""Lower-precision decoder.onnx: 4-bit weights (MatMul -> MatMulNBits, block 32), and the fp16 variant
+(`decoder_to_fp16`).
 
-Methods (onnxruntime.quantization.matmul_nbits_quantizer, checked against ORT 1.32):
-  rtn  round-to-nearest per block of 32 input channels; ORT's own `DefaultWeightOnlyQuantConfig` (the class ORT
-       calls "RTNWeightOnlyQuantConfig" goes through Intel neural-compressor, which this project does not need)
+Methods (`quantize_decoder(method=...)`; bundle precision `int4-<method>`):
+  q41  the default. llama.cpp's Q4_1 layout in MatMulNBits (`export.nbits`, our own packer): per block of 32
+       input channels a scale and the block minimum, codes round((w - min) / scale); uint4 zero points (ORT's
+       fast CPU path) plus the zero point's rounding remainder, restored in float32 through the block sums of
+       the activations (one Reshape + ReduceSum per MatMul input, one small MatMul + Add per weight). Our
+       SmolLM2 weights are Q4_1 blocks read from a GGUF, and come back exactly. Measured on SmolLM2 (30
+       held-out phantom reports, docs/export.md): perplexity +1.2% over fp32 (all of it the int8 activations of
+       accuracy_level 4), decoder 21% of fp32's bytes, decode ~0.85x the speed of rtn (the extra ops, not their
+       arithmetic)
+  rtn  round-to-nearest per block, ORT's `DefaultWeightOnlyQuantConfig` (the class ORT calls
+       "RTNWeightOnlyQuantConfig" goes through Intel neural-compressor, which this project does not need).
+       Symmetric by default (no zero point); `symmetric=False` gives ORT's uint4 zero points, which fit Q4_1
+       blocks worse: the remainder above, left in, is an error shared by a block's 32 weights. On SmolLM2
+       +44% perplexity (symmetric, int4 head), +25% with the int8 head; the fastest decode
   hqq  Half-Quadratic Quantization (`HQQWeightOnlyQuantConfig`): optimises scale and zero point per block against
        the weight error, no data needed; always asymmetric, uses torch (export machines have it). Its zero points
        are floats, for which ORT's CPU MatMulNBits kernel has no fast path: measured on SmolLM2 (2 cores),
        ~400 ms per decode step against ~19 ms for RTN and ~65 ms for fp32, and ~110 s to quantize against ~2 s.
-       Use it for accuracy experiments; RTN is the CPU default
+       An accuracy experiment, not a CPU choice
 GPTQ (data-driven) is not offered here: ORT's GPTQ config needs neural-compressor and a calibration reader, and
 our calibration feeds (`m3d_edge.calibration`) do not exist yet. On a GPU with torch, GPTQModel is the maintained
 path (AutoGPTQ, its predecessor, is archived).
 
-lm_head policy: the LM head is one MatMul of H x V (SmolLM2: 576 x 49156 = 28 M weights, a fifth of the model).
-`quantize_lm_head=True` (default) quantizes it too; False keeps it float32 for the last bit of logit fidelity.
+LM-head policy (`lm_head=`): the LM head is one MatMul of H x V (SmolLM2: 576 x 49156 = 28 M weights, a fifth of
+the model; tied to the token embedding, which the GGUF stores as Q8_0).
+  int8  8-bit symmetric blocks of 32, scale max|w| / 127 (`nbits.quantize_sym8`): Q8_0's own rule, so the GGUF's
+        embedding comes back exactly. Default for q41
+  int4  the method's 4-bit blocks. Default for rtn and hqq (their behaviour before the policy existed)
+  fp32  left as a float MatMul
 The token embeddings are not in the graph (embeddings.npy, fp16), so no policy is needed for them here.
 `accuracy_level=4` lets the CPU kernel compute with int8 activations (the fast path on x86 and ARM).
 """
@@ -24,33 +39,78 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-METHODS = ("rtn", "hqq")
+from m3d_edge.export import nbits
+
+METHODS = ("q41", "rtn", "hqq")
+LM_HEAD_POLICIES = ("int8", "int4", "fp32")
+DEFAULT_LM_HEAD = {"q41": "int8", "rtn": "int4", "hqq": "int4"}
 BLOCK_SIZE = 32
 LM_HEAD_NODE = "/lm_head/MatMul"  # the builder's name for the LM head MatMul
+_LM_HEAD_BITS = {"int8": 8, "int4": 4, "fp32": None}
 
 
-def quantize_decoder(src: str | Path, dst: str | Path, *, method: str = "rtn", block_size: int = BLOCK_SIZE,
-                     symmetric: bool = True, accuracy_level: int = 4, quantize_lm_head: bool = True) -> dict[str, Any]:
+def quantize_decoder(src: str | Path, dst: str | Path, *, method: str = "q41", block_size: int = BLOCK_SIZE,
+                     symmetric: bool = True, accuracy_level: int = 4,
+                     lm_head: Optional[str] = None) -> dict[str, Any]:
     """Quantize the MatMuls of decoder.onnx at `src` into `dst` (+ `dst`.data). Returns every choice made, for the
-    manifest's `quantization` entry."""
+    manifest's `quantization` entry.
+
+    symmetric: rtn only (q41 and hqq are asymmetric by construction). lm_head: one of LM_HEAD_POLICIES, None for
+    the method's default (DEFAULT_LM_HEAD)."""
     import onnx
-    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
 
     if method not in METHODS:
         raise ValueError(f"quantization method {method!r} is not supported; expected one of {', '.join(METHODS)}")
+    lm_head = DEFAULT_LM_HEAD[method] if lm_head is None else lm_head
+    if lm_head not in LM_HEAD_POLICIES:
+        raise ValueError(f"lm_head={lm_head!r} is not supported; expected one of {', '.join(LM_HEAD_POLICIES)}")
     src, dst = Path(src), Path(dst)
     model = onnx.load(str(src))  # with its external data
     matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
-    exclude = [] if quantize_lm_head else [n for n in matmuls if n == LM_HEAD_NODE]
-    if not quantize_lm_head and not exclude:
-        raise ValueError(f"{src}: no node named {LM_HEAD_NODE}; cannot keep the LM head unquantized")
+    if lm_head != "int4" and LM_HEAD_NODE not in matmuls:
+        raise ValueError(f"{src}: no node named {LM_HEAD_NODE}; cannot give the LM head its own precision "
+                         f"(lm_head={lm_head!r}); use lm_head='int4'")
+    if method == "q41":
+        symmetric = False
+        plan = {name: "q41" for name in matmuls if name != LM_HEAD_NODE}
+        head_scheme = {"int8": "sym8", "int4": "q41", "fp32": None}[lm_head]
+        if head_scheme and LM_HEAD_NODE in matmuls:
+            plan[LM_HEAD_NODE] = head_scheme
+        offsets = _rewrite(model, plan, block_size, accuracy_level)
+        library = "m3d_edge.export.nbits"
+    else:
+        symmetric = symmetric if method == "rtn" else False  # HQQ fits a zero point by construction
+        model = _ort_quantize(model, method, block_size, symmetric, accuracy_level,
+                              exclude=[] if lm_head == "int4" else [LM_HEAD_NODE])
+        offsets = 0
+        library = "onnxruntime.quantization.matmul_nbits_quantizer"
+        if lm_head == "int8":
+            _rewrite(model, {LM_HEAD_NODE: "sym8"}, block_size, accuracy_level)
+            library += " (LM head: m3d_edge.export.nbits)"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=dst.name + ".data", size_threshold=1024)
+    done = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits")
+    zero_points = {"q41": "uint4", "hqq": "float"}.get(method, None if symmetric else "uint4")
+    return {"method": method, "bits": 4, "block_size": block_size, "symmetric": symmetric,
+            "zero_points": zero_points, "block_offsets": "float32" if method == "q41" else None,
+            "accuracy_level": accuracy_level, "op": "MatMulNBits", "lm_head": lm_head,
+            "lm_head_bits": _LM_HEAD_BITS[lm_head],
+            "quantize_lm_head": lm_head != "fp32", "matmuls_quantized": done,
+            "matmuls_kept_float": len(matmuls) - done, "offset_terms": offsets,
+            "embeddings": "embeddings.npy float16 (outside the graph)", "library": library}
+
+
+def _ort_quantize(model, method: str, block_size: int, symmetric: bool, accuracy_level: int, exclude: list[str]):
+    """rtn / hqq through onnxruntime's MatMulNBitsQuantizer; returns the new ModelProto."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+
     if method == "rtn":
         algo = mnb.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
                                                 accuracy_level=accuracy_level)
     else:
-        symmetric = False  # HQQ fits a zero point by construction
         algo = mnb.HQQWeightOnlyQuantConfig(block_size=block_size, bits=4)
     quantizer = mnb.MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
                                          accuracy_level=accuracy_level, nodes_to_exclude=exclude, algo_config=algo)
@@ -64,16 +124,42 @@ def quantize_decoder(src: str | Path, dst: str | Path, *, method: str = "rtn", b
             quantizer.process()
     finally:
         logger.setLevel(level)
-    q = quantizer.model.model
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(q, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=dst.name + ".data", size_threshold=1024)
-    done = sum(1 for n in q.graph.node if n.op_type == "MatMulNBits")
-    return {"method": method, "bits": 4, "block_size": block_size, "symmetric": symmetric,
-            "accuracy_level": accuracy_level, "op": "MatMulNBits", "quantize_lm_head": quantize_lm_head,
-            "matmuls_quantized": done, "matmuls_kept_float": len(matmuls) - done,
-            "embeddings": "embeddings.npy float16 (outside the graph)",
-            "library": "onnxruntime.quantization.matmul_nbits_quantizer"}
+    return quantizer.model.model
+
+
+def _rewrite(model, plan: dict[str, str], block_size: int, accuracy_level: int) -> int:
+    """Replace the MatMuls named in `plan` ({node name: nbits scheme}) in place; returns the number of offset terms
+    added. A MatMul whose weight is not a 2-D initializer with K a multiple of the block stays float (counted by
+    the caller as kept float)."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    uses: dict[str, int] = {}
+    for n in graph.node:
+        for name in n.input:
+            uses[name] = uses.get(name, 0) + 1
+    shared = nbits.Shared()
+    nodes, dropped, offsets = [], set(), 0
+    for n in graph.node:
+        weight = n.input[1] if n.op_type == "MatMul" and n.name in plan else None
+        init = inits.get(weight) if weight else None
+        if init is None or len(init.dims) != 2 or init.dims[0] % block_size or uses[weight] != 1:
+            nodes.append(n)
+            continue
+        new = nbits.rewrite_matmul(graph, n, numpy_helper.to_array(init), plan[n.name], block=block_size,
+                                   accuracy_level=accuracy_level, shared=shared)
+        offsets += sum(1 for m in new if m.op_type == "Add")
+        nodes.extend(new)
+        dropped.add(weight)
+    kept = [i for i in graph.initializer if i.name not in dropped]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if not any(o.domain == nbits.MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(nbits.MS_DOMAIN, 1))
+    return offsets
 
 
 # the decoder's float inputs and outputs that stay float32 in the fp16 variant; the KV cache becomes float16
