@@ -1,6 +1,6 @@
 """The slim runtime (int4 bundle, ONNX Runtime) against the official-style PyTorch/HF pipeline and llama.cpp, on CPU.
 
-    python benchmarks/runtime.py [--out docs] [--repeat 3] [--new-tokens 64] [--soak 100] [--work DIR]
+    python benchmarks/runtime.py [--out docs] [--repeat 3] [--new-tokens 64] [--soak 100] [--work DIR] [--llm int4-q41]
 
 One model for all: phantom-small (models/phantom-small when it exists, else the preset with seed 0: random vision
 and seg weights, real SmolLM2-135M). One scan: phantom case 0 written as NIfTI. One set of prompts: the four
@@ -12,7 +12,7 @@ both pipelines (the untrained preset never writes it), so the mask path is alway
 Each pipeline runs in its own subprocess (so peak RSS, ru_maxrss, is its own), with one warm-up run and
 `--repeat` timed runs; figures are medians.
 
-- runtime: m3d_edge.runtime.Pipeline on the int4-rtn bundle. A run = the scan file -> four answers, cold (scan
+- runtime: m3d_edge.runtime.Pipeline on the 4-bit bundle (`--llm`, default int4-q41, the bundle default). A run = the scan file -> four answers, cold (scan
   cache cleared): read, preprocess and vision once, the image-prefix KV reused for questions 2-4.
 - reference: what the official code does, fp32 PyTorch eager: the same numpy preprocessing, then per question
   the vision tower + projector, `llm.generate(inputs_embeds=..., output_hidden_states=True,
@@ -355,7 +355,7 @@ def machine() -> dict[str, Any]:
             "platform": platform.platform()}
 
 
-def prepare(work: Path) -> tuple[dict[str, Path], Path, str]:
+def prepare(work: Path, int4: str) -> tuple[dict[str, Path], Path, str]:
     """The int4 bundle (measured), the fp32 one (to separate runtime errors from int4 ones) and the scan, built
     once into `work`."""
     from m3d_edge.data.phantom import generate_case
@@ -365,7 +365,7 @@ def prepare(work: Path) -> tuple[dict[str, Path], Path, str]:
     source = str(TRAINED) if TRAINED.is_dir() else "preset:phantom-small"
     tag = "trained" if TRAINED.is_dir() else "preset"
     bundles = {}
-    for llm in ("int4-rtn", "fp32"):
+    for llm in (int4, "fp32"):
         bundles[llm] = work / f"phantom-small-{tag}-{llm}"
         if not (bundles[llm] / "manifest.json").is_file():
             print(f"[bench] building the {llm} bundle from {source}", flush=True)
@@ -477,6 +477,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--soak", type=int, default=100, help="questions in a row for the RSS growth check")
     p.add_argument("--work", default=None, help="folder for the bundle and the scan [default: a temp folder]")
+    p.add_argument("--llm", default="int4-q41", choices=("int4-q41", "int4-rtn", "int4-hqq"),
+                   help="the 4-bit bundle to measure")
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     p.add_argument("--bundle", help=argparse.SUPPRESS)
     p.add_argument("--scan", help=argparse.SUPPRESS)
@@ -488,17 +490,17 @@ def main() -> None:
     args.work = args.work or tempfile.mkdtemp(prefix="m3d-bench-")
     Path(args.work).mkdir(parents=True, exist_ok=True)
     load_before = [round(v, 2) for v in os.getloadavg()]
-    bundles, scan, source = prepare(Path(args.work))
+    bundles, scan, source = prepare(Path(args.work), args.llm)
     res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
-                           "model_source": source, "bundles": {k: str(v) for k, v in bundles.items()},
+                           "model_source": source, "llm": args.llm, "bundles": {k: str(v) for k, v in bundles.items()},
                            "repeat": args.repeat,
                            "new_tokens": args.new_tokens, "questions": list(QUESTIONS),
                            "forced_seg": {"question": SEG_QUESTION, "step": SEG_STEP},
                            "command": "python benchmarks/runtime.py " + " ".join(sys.argv[1:])}
-    for name, child, llm in (("runtime", "runtime", "int4-rtn"), ("runtime_fp32", "runtime", "fp32"),
+    for name, child, llm in (("runtime", "runtime", args.llm), ("runtime_fp32", "runtime", "fp32"),
                              ("reference", "reference", None), ("llamacpp", "llamacpp", None),
-                             ("soak", "soak", "int4-rtn")):
-        res[name] = run_child(child, args, bundles[llm or "int4-rtn"], scan, tag=name)
+                             ("soak", "soak", args.llm)):
+        res[name] = run_child(child, args, bundles[llm or args.llm], scan, tag=name)
     res["load_before"], res["load_after"] = load_before, [round(v, 2) for v in os.getloadavg()]
     res["busy"] = max(load_before[0], res["load_after"][0]) > 0.5 * res["machine"]["cores_usable"]
     res["agreement"] = {name: {

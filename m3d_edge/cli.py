@@ -104,13 +104,13 @@ def _default_bundle() -> str:
         source, tag = "preset:phantom-small", f"preset:phantom-small|{version}"
         click.echo("warning: models/phantom-small does not exist; using preset:phantom-small, whose vision and "
                    "segmentation weights are random (untrained): answers will not describe the scan", err=True)
-    target = cache / hashlib.sha256(f"{tag}|int4-rtn".encode()).hexdigest()[:16]
+    target = cache / hashlib.sha256(f"{tag}|int4-q41".encode()).hexdigest()[:16]
     if not (target / "manifest.json").is_file():
         from m3d_edge.export import bundle
 
         click.echo(f"building the default bundle from {source} into {target} (once; about a minute)", err=True)
         try:
-            bundle.build(source, target, llm="int4-rtn", progress=False)
+            bundle.build(source, target, llm="int4-q41", progress=False)
         except FileExistsError:  # another process finished it first
             pass
         except (ImportError, FileNotFoundError, ValueError, bundle.BundleBuildError) as e:
@@ -260,7 +260,7 @@ def _run_stage(fn, *args) -> None:
 
 
 @train.command("clip")
-@_stage_options(400)
+@_stage_options(360)
 def train_clip(data: str, out: str, steps: int, seed: int, progress: bool) -> None:
     """M3D-CLIP: the phantom-small ViT against the MiniLM text encoder; writes OUT/clip.safetensors."""
     from m3d_edge.train.recipe import RecipeConfig, clip_stage
@@ -269,7 +269,7 @@ def train_clip(data: str, out: str, steps: int, seed: int, progress: bool) -> No
 
 
 @train.command("align")
-@_stage_options(300)
+@_stage_options(150)
 @click.option("--clip", "clip", required=True, type=click.Path(exists=True, dir_okay=False, path_type=str),
               help="clip.safetensors of a CLIP run (its vision encoder initialises the tower).")
 def train_align(data: str, out: str, steps: int, seed: int, progress: bool, clip: str) -> None:
@@ -280,11 +280,11 @@ def train_align(data: str, out: str, steps: int, seed: int, progress: bool, clip
 
 
 @train.command("instruct")
-@_stage_options(1200)
+@_stage_options(1500)
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=str),
               help="Checkpoint folder to start from (an align run's OUT/model).")
 def train_instruct(data: str, out: str, steps: int, seed: int, progress: bool, model_dir: str) -> None:
-    """Stage 2: LoRA + projector + vision + seg on all tasks; writes OUT/model (compact, LoRA kept)."""
+    """Stage 2: LoRA + projector + seg on all tasks (vision features cached); writes OUT/model (compact, LoRA kept)."""
     from m3d_edge.train.recipe import RecipeConfig, instruct_stage
 
     _run_stage(instruct_stage, RecipeConfig(out=out, seed=seed, instruct_steps=steps, progress=progress), data,
@@ -296,11 +296,11 @@ def train_instruct(data: str, out: str, steps: int, seed: int, progress: bool, m
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Run folder (resumes if it exists).")
 @click.option("--data", default=None, type=click.Path(exists=True, path_type=str),
               help="M3D-layout data set (phantoms or M3D-Data); default: synthesize one into OUT/data.")
-@click.option("--n-cases", default=160, show_default=True, type=click.IntRange(min=10), help="Phantoms to synthesize.")
+@click.option("--n-cases", default=256, show_default=True, type=click.IntRange(min=10), help="Phantoms to synthesize.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--clip-steps", default=400, show_default=True, type=click.IntRange(min=1))
-@click.option("--align-steps", default=300, show_default=True, type=click.IntRange(min=1))
-@click.option("--instruct-steps", default=1200, show_default=True, type=click.IntRange(min=1))
+@click.option("--clip-steps", default=360, show_default=True, type=click.IntRange(min=1))
+@click.option("--align-steps", default=150, show_default=True, type=click.IntRange(min=1))
+@click.option("--instruct-steps", default=1500, show_default=True, type=click.IntRange(min=1))
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def train_recipe(name: str, out: str, data: str | None, n_cases: int, seed: int, clip_steps: int, align_steps: int,
                  instruct_steps: int, progress: bool) -> None:
@@ -318,8 +318,9 @@ def train_recipe(name: str, out: str, data: str | None, n_cases: int, seed: int,
 @main.command()
 @click.argument("checkpoint")
 @click.option("--out", "out", required=True, type=click.Path(path_type=str), help="New folder for the bundle.")
-@click.option("--llm", "llm", default="int4-rtn", show_default=True,
-              type=click.Choice(["int4-rtn", "int4-hqq", "fp32", "fp16"]), help="LLM weight precision.")
+@click.option("--llm", "llm", default="int4-q41", show_default=True,
+              type=click.Choice(["int4-q41", "int4-rtn", "int4-hqq", "fp32", "fp16"]),
+              help="LLM weight precision (int4-q41: Q4_1 blocks, int8 LM head; docs/export.md).")
 @click.option("--vision", "vision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
               help="Vision and segmentation graph precision.")
 @click.option("--tensorrt/--no-tensorrt", default=False, help="Also build TensorRT engines (needs an NVIDIA GPU).")

@@ -353,8 +353,11 @@ class ClipConfig:
     vision: VisionConfig
     text_hf_config: Mapping[str, Any]
     text_source: str = "config"
+    text_pooling: str = "cls"  # official: the [CLS] state; "mean" is MiniLM's own sentence pooling (phantom-small)
 
     def __post_init__(self) -> None:
+        if self.text_pooling not in ("cls", "mean"):
+            raise ValueError(f"text_pooling {self.text_pooling!r} is not supported; use cls or mean")
         if self.vision.select_feature != "patch":
             raise ValueError("the CLIP vision encoder uses the CLS token; keep select_feature='patch'")
         if not (self.text_source in ("config", "minilm") or self.text_source.startswith("hf:")):

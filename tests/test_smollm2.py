@@ -84,3 +84,15 @@ def test_delta_checkpoint_reloads_bit_exactly(smol, tmp_path):
     loaded = checkpoint.load(folder)
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
+    # float16 storage (the committed default model): half the file; the loaded model is the rounded one, within
+    # float16 rounding of the trained weights, and saving it again in float16 reproduces it bit for bit
+    half = checkpoint.save_delta(model, tmp_path / "half", adapter=adapter, lora=settings, dtype=torch.float16)
+    assert (half / "model.safetensors").stat().st_size < 0.52 * (folder / "model.safetensors").stat().st_size
+    rounded = checkpoint.load(half)
+    for (k, a), (_, b) in zip(model.state_dict().items(), rounded.state_dict().items()):
+        if not k.startswith("llm."):
+            assert torch.equal(a.half().float(), b), k
+    again = checkpoint.load(checkpoint.save_delta(rounded, tmp_path / "again", adapter={
+        k: v.half().float() for k, v in adapter.items()}, lora=settings, dtype=torch.float16))
+    for (k, a), (_, b) in zip(rounded.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k

@@ -129,3 +129,144 @@ def test_resume_continues_from_the_same_step(tmp_path):
     assert result.resumed_from == 2 and result.step == 4 and len(result.losses) == 2
     for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), f"{k} differs after resume"
+
+
+def _shared_seg_tiny():
+    cfg = preset("tiny")
+    return dataclasses.replace(cfg, seg=dataclasses.replace(cfg.seg, share_vision_encoder=True))
+
+
+def test_cached_vision_features_give_the_same_loss(tiny):
+    """A stage with a frozen tower feeds cached patch tokens instead of images: LM, Dice and BCE are unchanged."""
+    _, collate = tiny
+    torch.manual_seed(0)
+    model = checkpoint.build(_shared_seg_tiny()).eval()
+    batch = collate(samples(2))
+    with torch.no_grad():
+        full = model(batch["images"], batch["input_ids"], labels=batch["labels"], segs=batch["segs"],
+                     attention_mask=batch["attention_mask"])
+        patches = model.vision_features(batch["images"])
+        cached = model(None, batch["input_ids"], labels=batch["labels"], segs=batch["segs"],
+                       attention_mask=batch["attention_mask"], patch_tokens=patches)
+    for name in ("lm_loss", "dice_loss", "bce_loss"):
+        assert torch.equal(getattr(full, name), getattr(cached, name)), name
+    # a model whose seg module has its own encoder cannot segment from the tower's features alone
+    own = checkpoint.build(preset("tiny")).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="own image encoder"):
+        own(None, batch["input_ids"], labels=batch["labels"], segs=batch["segs"], patch_tokens=patches)
+
+
+def test_collator_without_images_and_mixed_batches(tiny):
+    _, collate = tiny
+    s = samples(2)
+    text_only = [dataclasses.replace(x, image=None) for x in s]
+    batch = collate(text_only)
+    assert "images" not in batch and torch.equal(batch["input_ids"], collate(s)["input_ids"])
+    with pytest.raises(ValueError, match="mixes samples with and without images"):
+        collate([s[0], text_only[1]])
+
+
+def test_clip_stage_with_seg_warm_up_lowers_both_losses(tmp_path):
+    """The CLIP stage of the recipe (contrastive + class-prompted masks on the shared tower) learns on a fixed
+    batch: both the contrastive and the Dice loss fall."""
+    from transformers import BertConfig
+
+    from m3d_edge.config import ClipConfig
+    from m3d_edge.model.clip import M3DCLIP, build_text_encoder
+    from m3d_edge.model.segvol import SegVol
+    from m3d_edge.train.recipe import VisionPretraining, vision_loss
+
+    torch.manual_seed(0)
+    cfg = _shared_seg_tiny()
+    bert = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64).to_dict()
+    clip_cfg = ClipConfig(vision=cfg.vision, text_hf_config=bert, text_pooling="mean")
+    clip = M3DCLIP(clip_cfg, build_text_encoder(clip_cfg))
+    with torch.no_grad():
+        clip.logit_scale.fill_(10.0)
+    model = VisionPretraining(clip, SegVol(cfg.seg, cfg.vision), ["liver", "spleen"], cfg.mm_hidden_size)
+    s = samples(4)
+    masks = torch.stack([torch.from_numpy(x.mask if x.mask is not None else samples(1)[0].mask) for x in s])
+    # four scans that differ in brightness (pure-noise scans give one CLS feature for all at initialisation)
+    images = torch.stack([0.2 * i + 0.1 + 0.05 * torch.from_numpy(x.image) for i, x in enumerate(s)])
+    batch = {"images": images, "input_ids": torch.randint(1, 64, (4, 12)),
+             "attention_mask": torch.ones(4, 12, dtype=torch.long),
+             "seg_images": images, "seg_masks": masks, "seg_classes": torch.tensor([0, 1, 0, 1])}
+    data = SampleList([0])
+    result = run(model, [p for p in model.parameters() if p.requires_grad], data, lambda _: batch, vision_loss,
+                 TrainConfig(out=str(tmp_path / "clip"), max_steps=10, batch_size=1, lr=1e-3, warmup_ratio=0.0,
+                             save_every=100, progress=False))
+    log = [json.loads(line) for line in result.log.read_text().splitlines()]
+    assert log[-1]["clip_loss"] < 0.8 * log[0]["clip_loss"], [r["clip_loss"] for r in log]
+    assert log[-1]["dice_loss"] < log[0]["dice_loss"] - 0.02, [r["dice_loss"] for r in log]
+
+
+def test_text_pooling_mean_is_the_masked_mean(tmp_path):
+    from transformers import BertConfig
+
+    from m3d_edge.config import ClipConfig
+    from m3d_edge.model.clip import M3DCLIP, build_text_encoder
+
+    torch.manual_seed(0)
+    bert = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64).to_dict()
+    cfg = ClipConfig(vision=preset("tiny").vision, text_hf_config=bert, text_pooling="mean")
+    clip = M3DCLIP(cfg, build_text_encoder(cfg)).eval()
+    ids = torch.randint(1, 64, (2, 7))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    with torch.no_grad():
+        hidden = clip.language_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        expected = torch.stack([hidden[0].mean(0), hidden[1, :4].mean(0)])
+        expected = torch.nn.functional.normalize(clip.mm_language_proj(expected), dim=-1)
+        assert torch.allclose(clip.encode_text(ids, mask), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="text_pooling"):
+        ClipConfig(vision=preset("tiny").vision, text_hf_config=bert, text_pooling="max")
+
+
+GLOO_SCRIPT = '''
+import hashlib, sys
+import torch
+sys.path.insert(0, sys.argv[2])
+from test_train import samples, tiny_tokenizer
+from m3d_edge.config import preset
+from m3d_edge.data.datasets import LaMedCollator, SampleList
+from m3d_edge.model import checkpoint
+from m3d_edge.train import stages
+from m3d_edge.train.loop import TrainConfig, run
+
+torch.manual_seed(0)
+model = checkpoint.build(preset("tiny"))
+collate = LaMedCollator(tiny_tokenizer(), 256, (32, 256, 256), 300)
+params = stages.align_params(model)
+before = torch.cat([p.detach().flatten() for p in params]).clone()
+data = [s.__class__(s.image, "what organ", "the liver is normal") for s in samples(4)]
+result = run(model, params, SampleList(data), collate, stages.lamed_loss,
+             TrainConfig(out=sys.argv[1], max_steps=2, batch_size=1, lr=1e-2, warmup_ratio=0.0, save_every=100,
+                         progress=False))
+after = torch.cat([p.detach().flatten() for p in params])
+import torch.distributed as dist
+print("RANK", dist.get_rank(), dist.get_world_size(), dist.get_backend(), hashlib.sha256(after.numpy().tobytes()).hexdigest(),
+      bool((after != before).any()), result.step, flush=True)
+'''
+
+
+def test_two_cpu_processes_train_in_step_with_gloo(tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): the same loop runs data-parallel and the two replicas end
+    the steps with identical weights (the gradients were all-reduced), different from the start."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "two_procs.py"
+    script.write_text(GLOO_SCRIPT)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517", str(script),
+           str(tmp_path / "run"), str(Path(__file__).parent)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = sorted(line.split()[1:] for line in done.stdout.splitlines() if line.startswith("RANK "))
+    assert [r[0] for r in ranks] == ["0", "1"] and all(r[1:3] == ["2", "gloo"] for r in ranks), ranks
+    assert ranks[0][3] == ranks[1][3], "the replicas diverged"
+    assert all(r[4] == "True" and r[5] == "2" for r in ranks), ranks

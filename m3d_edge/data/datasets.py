@@ -23,11 +23,12 @@ from m3d_edge.data.prompts import training_text
 
 @dataclass(frozen=True)
 class LaMedSample:
-    image: np.ndarray  # [1, 32, 256, 256] float32 in [0, 1]
+    image: Optional[np.ndarray]  # [1, 32, 256, 256] float32 in [0, 1]; None where a stage uses cached features
     question: str
     answer: str
     mask: Optional[np.ndarray] = None  # [1, 32, 256, 256] {0, 1}
     source: str = ""  # where the sample came from, for error messages
+    image_key: str = ""  # the image's file, the key of cached vision features
 
 
 class SampleList(Dataset):
@@ -73,8 +74,14 @@ class LaMedCollator:
             input_ids[i, :len(ids)] = torch.tensor(ids)
             labels[i, :len(lab)] = torch.tensor(lab)
             attention[i, :len(ids)] = 1
-        images = torch.stack([torch.as_tensor(self._check(s.image, s, "image"), dtype=torch.float32) for s in samples])
-        batch = {"images": images, "input_ids": input_ids, "labels": labels, "attention_mask": attention}
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+        with_image = [s.image is not None for s in samples]
+        if all(with_image):
+            batch["images"] = torch.stack([torch.as_tensor(self._check(s.image, s, "image"), dtype=torch.float32)
+                                           for s in samples])
+        elif any(with_image):
+            raise ValueError("a batch mixes samples with and without images; a stage either reads images or uses "
+                             "cached features for all of them")
         if any(s.mask is not None for s in samples):
             batch["segs"] = torch.stack([
                 torch.as_tensor(self._check(s.mask, s, "mask"), dtype=torch.float32) if s.mask is not None
@@ -180,9 +187,11 @@ def _model_box(mask_path: str) -> Optional[list[float]]:
 class TaskDataset(Dataset):
     """TaskItems -> LaMedSamples, reading arrays on access (refseg scans are preprocessed with the `ct` spec)."""
 
-    def __init__(self, items: Sequence[TaskItem], image_shape: tuple[int, int, int] = (32, 256, 256)) -> None:
+    def __init__(self, items: Sequence[TaskItem], image_shape: tuple[int, int, int] = (32, 256, 256), *,
+                 with_images: bool = True) -> None:
         self.items = list(items)
         self.image_shape = tuple(image_shape)
+        self.with_images = with_images  # False: a stage with cached vision features reads masks and text only
 
     def __len__(self) -> int:
         return len(self.items)
@@ -197,12 +206,13 @@ class TaskDataset(Dataset):
             x, transform = to_model_input(volume, "ct", out_shape=self.image_shape)
             region = read(it.mask).array == it.mask_id
             mask = transform.mask_to_model(region)[None].astype(np.float32)
-            return LaMedSample(x[0], it.question, it.answer, mask, source=it.mask)
-        image = np.load(it.image)
+            return LaMedSample(x[0] if self.with_images else None, it.question, it.answer, mask, source=it.mask,
+                               image_key=it.image)
+        image = np.load(it.image).astype(np.float32, copy=False) if self.with_images else None
         mask = None
         if it.mask is not None:
             mask = np.load(it.mask).astype(np.float32)
-        return LaMedSample(image.astype(np.float32, copy=False), it.question, it.answer, mask, source=it.image)
+        return LaMedSample(image, it.question, it.answer, mask, source=it.image, image_key=it.image)
 
 
 def validate_items(items: Sequence[TaskItem], image_shape: tuple[int, int, int] = (32, 256, 256)) -> None:

@@ -256,11 +256,13 @@ DELTA_FORMAT = "delta-from-base/1"
 
 
 def save_delta(model: LaMed, path: str | Path, *, adapter: Optional[Mapping[str, torch.Tensor]] = None,
-               lora: Optional[Mapping] = None, tokenizer=None) -> Path:
+               lora: Optional[Mapping] = None, tokenizer=None, dtype: Optional[torch.dtype] = None) -> Path:
     """Save a model whose LLM is a pretrained base (cfg.llm.source) + merged LoRA + new token rows, storing only
     the difference: vision, projector, seg weights, the new embedding rows and the LoRA adapter (peft keys).
 
     `load` rebuilds the base, merges the same adapter the same way and so reproduces the saved model bit for bit.
+    dtype=torch.float16 stores the floating-point tensors in half precision (half the file; the model that loads
+    is the rounded one, and saving that again in float16 reproduces it bit for bit).
     """
     cfg = model.cfg
     if cfg.llm.source == "config":
@@ -271,15 +273,19 @@ def save_delta(model: LaMed, path: str | Path, *, adapter: Optional[Mapping[str,
     if not getattr(model.llm.config, "tie_word_embeddings", False):
         state["llm.new_lm_head_rows"] = model.base_llm.lm_head.weight[base_vocab:]
     state.update({f"lora.{k}": v for k, v in (adapter or {}).items()})
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     config = {**cfg.to_dict(), "storage": {"format": DELTA_FORMAT, "base_vocab": base_vocab,
-                                           "lora": dict(lora) if lora else None}}
+                                           "lora": dict(lora) if lora else None,
+                                           "dtype": str(dtype).replace("torch.", "") if dtype else "float32"}}
     return _write_folder(Path(path), state, config, tokenizer)
 
 
 def _load_delta(folder: Path, cfg: ModelConfig, storage: Mapping) -> LaMed:
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
-    state = read_state_dict(folder)
+    # tensors stored in half precision come back as float32, the model's own dtype
+    state = {k: v.float() if v.is_floating_point() else v for k, v in read_state_dict(folder).items()}
     model = build(cfg, pretrained_llm=True)
     base_vocab = int(storage["base_vocab"])
     lora = storage.get("lora")

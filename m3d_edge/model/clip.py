@@ -53,8 +53,13 @@ class M3DCLIP(nn.Module):
         return F.normalize(self.mm_vision_proj(cls), dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        first = self.language_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
-        return F.normalize(self.mm_language_proj(first), dim=-1)
+        hidden = self.language_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.cfg.text_pooling == "mean":  # MiniLM's own sentence pooling: the mean over real tokens
+            weights = attention_mask[..., None].to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+        else:  # official: the [CLS] position
+            pooled = hidden[:, 0]
+        return F.normalize(self.mm_language_proj(pooled), dim=-1)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ClipOutput:
         img, txt = self.encode_image(images), self.encode_text(input_ids, attention_mask)

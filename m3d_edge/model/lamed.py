@@ -149,6 +149,9 @@ class LaMed(nn.Module):
             if patch_tokens is None:
                 patch_tokens = self.vision_features(images)
             return self.seg_module.tokens_to_grid(patch_tokens)
+        if images is None:
+            raise ValueError("this model's seg module has its own image encoder: segmenting needs the images, "
+                             "not only cached vision-tower features")
         return self.seg_module.encode(images)
 
     def segment(self, images: torch.Tensor, seg_hidden: torch.Tensor,
@@ -186,7 +189,8 @@ class LaMed(nn.Module):
             seg_ids = segs.flatten(1).any(dim=1).nonzero().squeeze(1)
             if seg_ids.numel():
                 h, _ = average_selected(hidden[seg_ids], seg_hidden_positions(input_ids[seg_ids], self.cfg.seg_token_id))
-                seg_logits = self.segment(images[seg_ids], h, patch[seg_ids] if patch is not None else None)
+                seg_logits = self.segment(images[seg_ids] if images is not None else None, h,
+                                          patch[seg_ids] if patch is not None else None)
                 target = segs[seg_ids].to(seg_logits.dtype)
                 out.dice_loss = dice_loss(seg_logits, target)
                 out.bce_loss = F.binary_cross_entropy_with_logits(seg_logits, target)

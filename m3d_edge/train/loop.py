@@ -43,6 +43,9 @@ class TrainConfig:
     seed: int = 42
     num_workers: int = 0
     progress: bool = True
+    # "auto": bf16 autocast on CUDA, fp32 elsewhere; "bf16" also on a CPU with bf16 instructions (AVX512-BF16/AMX:
+    # ~1.5x faster for the phantom-small stages here); "no": fp32. Weights and optimizer state stay fp32.
+    mixed_precision: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "save_every", "log_every"):
@@ -50,6 +53,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
+        if self.mixed_precision not in ("auto", "bf16", "no"):
+            raise ValueError(f"TrainConfig.mixed_precision must be auto, bf16 or no, got {self.mixed_precision!r}")
 
 
 @dataclass
@@ -58,6 +63,15 @@ class TrainResult:
     resumed_from: int
     losses: list[float]
     log: Path
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU has native bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast pays on CPU."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: stay in fp32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
@@ -95,8 +109,10 @@ def run(model: nn.Module, params: Iterable[nn.Parameter] | Iterable[dict], datas
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if accelerator is None:
-        accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
-                                  mixed_precision="bf16" if torch.cuda.is_available() else "no")
+        precision = cfg.mixed_precision
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_available() else "no"
+        accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision)
     torch.manual_seed(cfg.seed)
     groups = [dict(g) if isinstance(g, dict) else {"params": [g]} for g in params]
     for g in groups:
@@ -129,7 +145,8 @@ def run(model: nn.Module, params: Iterable[nn.Parameter] | Iterable[dict], datas
             loader = accelerator.skip_first_batches(loader, done_in_epoch * cfg.grad_accum)
         for batch in loader:
             with accelerator.accumulate(model):
-                loss, metrics = loss_fn(model, batch)
+                with accelerator.autocast():  # also covers loss functions that call submodules directly
+                    loss, metrics = loss_fn(model, batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)

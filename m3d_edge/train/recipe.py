@@ -7,11 +7,16 @@
 Choices for the CPU budget, all recorded in the model card:
 - the seg module shares the vision tower (one ViT instead of two);
 - 32 image tokens (pooling 4) instead of 256;
-- stage 1 runs on cached vision features (the tower is frozen there, so it is computed once per image);
-- the text encoder of CLIP is the pretrained MiniLM-L6, frozen but for its projection;
-- stage 2 trains LoRA (q, k, v, o), the projector, the vision tower, the seg module and only the four new token rows
+- the CLIP stage also trains the seg module on the shared tower (class-prompted masks: a dense signal that teaches
+  the from-scratch ViT anatomy far faster than the contrastive loss alone); CLIP's text encoder is the pretrained
+  MiniLM-L6 with its own mean pooling, frozen but for its projection; the logit scale starts at 10 (a plain factor,
+  as in the official code, whose initial 2.66 left the loss at chance in a CPU budget);
+- the vision tower is frozen after the CLIP stage (`train_vision=False`), so stage 1 and stage 2 run on vision
+  features computed once per image;
+- stage 2 trains LoRA (q, k, v, o), the projector, the seg projector and seg module and only the four new token rows
   of the tied embedding (gradients of the pretrained rows are zeroed, so they stay bit-identical to SmolLM2);
-- stage 2 samples the target organs (liver, spleen, kidneys) more often for seg / REC.
+- stage 2 samples the target organs (liver, spleen, kidneys) more often for seg / REC, and closed VQA most;
+- bf16 autocast on CPUs with bf16 instructions (weights and optimizer state stay fp32).
 """
 
 from __future__ import annotations
@@ -19,19 +24,22 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from torch import nn
+
 from m3d_edge.config import ClipConfig, preset
 from m3d_edge.data.datasets import LaMedCollator, SampleList, TaskDataset, TaskItem, task_items, validate_items
 from m3d_edge.model import checkpoint, llm as llm_mod
 from m3d_edge.model.clip import M3DCLIP, build_text_encoder, minilm_folder
+from m3d_edge.model.segvol import SegVol
 from m3d_edge.train import stages
-from m3d_edge.train.loop import TrainConfig, run
+from m3d_edge.train.loop import TrainConfig, cpu_supports_bf16, run
 
 TARGET_ORGANS = ("liver", "spleen", "right kidney", "left kidney")
 
@@ -40,18 +48,21 @@ TARGET_ORGANS = ("liver", "spleen", "right kidney", "left kidney")
 class RecipeConfig:
     out: str
     data: Optional[str] = None
-    n_cases: int = 160
+    n_cases: int = 256
     seed: int = 0
-    clip_steps: int = 120
-    clip_batch: int = 4
+    clip_steps: int = 360
+    clip_batch: int = 8
+    clip_seg: bool = True  # train the seg module on the shared tower during the CLIP stage
     align_steps: int = 150
-    instruct_steps: int = 600
-    batch: int = 2
-    lr_clip: float = 1e-4
+    instruct_steps: int = 1500
+    batch: int = 4
+    lr_clip: float = 3e-4
     lr_align: float = 1e-3
     lr_instruct: float = 2e-4
     lr_seg: float = 1e-3  # the seg module starts from scratch (docs/training.md: it learns at 1e-3)
     lora_r: int = 16
+    train_vision: bool = False  # stage 2 trains the vision tower too (official); False caches its features
+    mixed_precision: str = field(default_factory=lambda: "bf16" if cpu_supports_bf16() else "auto")
     progress: bool = True
 
 
@@ -71,8 +82,8 @@ def run_recipe(cfg: RecipeConfig) -> Path:
         _log(f"synth: {cfg.n_cases} phantom cases -> {data}")
         synthesize(data, cfg.n_cases, cfg.seed, progress=cfg.progress)
     train_items = validated_items(cfg, data)
-    vision_state = train_clip(cfg, data, out / "clip")
-    model, tok, collate = phantom_small(vision_state)
+    pretrained = train_clip(cfg, data, out / "clip")
+    model, tok, collate = phantom_small(pretrained)
     train_align(cfg, model, collate, train_items, out / "align")
     adapter, lora = train_instruct(cfg, model, collate, train_items, out / "instruct")
     return _save(model, out / "model", tok, adapter, lora)
@@ -81,7 +92,8 @@ def run_recipe(cfg: RecipeConfig) -> Path:
 # -- the stages one at a time (m3d-edge train clip | align | instruct) -------------------------------------------
 
 def clip_stage(cfg: RecipeConfig, data: str | Path) -> Path:
-    """CLIP only: writes OUT/clip.safetensors (+ the run's log and checkpoints)."""
+    """CLIP only: writes OUT/clip.safetensors (+ OUT/seg.safetensors with the seg warm-up, the run's log and
+    checkpoints)."""
     validated_items(cfg, data)
     train_clip(cfg, Path(data), Path(cfg.out))
     return Path(cfg.out) / "clip.safetensors"
@@ -89,14 +101,8 @@ def clip_stage(cfg: RecipeConfig, data: str | Path) -> Path:
 
 def align_stage(cfg: RecipeConfig, data: str | Path, clip: str | Path) -> Path:
     """Stage 1 from a CLIP run's weights: writes OUT/model (a compact checkpoint without LoRA)."""
-    from safetensors.torch import load_file
-
     items = validated_items(cfg, data)
-    prefix = "vision_encoder."
-    vision = {k[len(prefix):]: v for k, v in load_file(str(clip)).items() if k.startswith(prefix)}
-    if not vision:
-        raise ValueError(f"{clip}: no vision_encoder.* weights; pass the clip.safetensors of a CLIP run")
-    model, tok, collate = phantom_small(vision)
+    model, tok, collate = phantom_small(load_pretrained(clip))
     train_align(cfg, model, collate, items, Path(cfg.out))
     return _save(model, Path(cfg.out) / "model", tok)
 
@@ -122,71 +128,173 @@ def validated_items(cfg: RecipeConfig, data: str | Path) -> list[TaskItem]:
     return items
 
 
-def phantom_small(vision_state: dict[str, torch.Tensor]):
-    """The phantom-small LaMed (pretrained SmolLM2) with the given vision-tower weights, its tokenizer and collator."""
+def load_pretrained(clip: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The vision tower of a CLIP run's clip.safetensors, and its seg warm-up (seg.safetensors beside it) if any."""
+    from safetensors.torch import load_file
+
+    clip = Path(clip)
+    prefix = "vision_encoder."
+    vision = {k[len(prefix):]: v for k, v in load_file(str(clip)).items() if k.startswith(prefix)}
+    if not vision:
+        raise ValueError(f"{clip}: no vision_encoder.* weights; pass the clip.safetensors of a CLIP run")
+    seg_file = clip.with_name("seg.safetensors")
+    seg = {k[len("seg_module."):]: v for k, v in load_file(str(seg_file)).items()
+           if k.startswith("seg_module.")} if seg_file.is_file() else {}
+    return {"vision": vision, "seg": seg}
+
+
+def phantom_small(pretrained: dict[str, dict[str, torch.Tensor]]):
+    """The phantom-small LaMed (pretrained SmolLM2) with the CLIP stage's vision tower (and seg module, when the
+    stage trained one), its tokenizer and collator."""
     model_cfg = preset("phantom-small")
     model = checkpoint.build(model_cfg)
-    model.vision_tower.vision_tower.load_state_dict(vision_state)
+    model.vision_tower.vision_tower.load_state_dict(pretrained["vision"])
+    if pretrained.get("seg"):
+        model.seg_module.load_state_dict(pretrained["seg"])
     tok = llm_mod.load_tokenizer(model_cfg.llm)
     return model, tok, LaMedCollator(tok, model_cfg.num_image_tokens, model_cfg.vision.image_size, max_length=400)
 
 
 def _save(model, final: Path, tok, adapter=None, lora=None) -> Path:
-    if not final.exists():
-        checkpoint.save_delta(model.eval(), final, adapter=adapter, lora=lora, tokenizer=tok)
+    if not final.exists():  # float16 storage: the compact model stays under ~25 MB (rounding, not a different model)
+        checkpoint.save_delta(model.eval(), final, adapter=adapter, lora=lora, tokenizer=tok, dtype=torch.float16)
     _log(f"saved {final}")
     return final
 
 
-# -- stage 0: M3D-CLIP ------------------------------------------------------------------------------------------
+def _train_config(cfg: RecipeConfig, out: Path, steps: int, batch: int, lr: float, saves: int, **kw) -> TrainConfig:
+    return TrainConfig(out=str(out), max_steps=steps, batch_size=batch, lr=lr, save_every=max(1, steps // saves),
+                       seed=cfg.seed, progress=cfg.progress, mixed_precision=cfg.mixed_precision, **kw)
 
-def train_clip(cfg: RecipeConfig, data: Path, out: Path) -> dict[str, torch.Tensor]:
+
+# -- stage 0: M3D-CLIP, with the seg module learning on the same tower --------------------------------------------
+
+class VisionPretraining(nn.Module):
+    """M3D-CLIP plus, optionally, the seg module on its vision encoder, prompted by one learned vector per class.
+
+    The contrastive loss alone gives a from-scratch 3D ViT little signal in a CPU budget (docs/training.md); class
+    masks give a dense one. The class vectors live in the space the seg projector maps the [SEG] hidden state to,
+    so stage 2 starts from a decoder that already segments.
+    """
+
+    def __init__(self, clip: M3DCLIP, seg: Optional[SegVol], classes: Sequence[str], prompt_dim: int) -> None:
+        super().__init__()
+        self.clip = clip
+        self.classes = list(classes)
+        self.seg_module = seg
+        if seg is not None:
+            self.class_prompts = nn.Embedding(len(self.classes), prompt_dim)
+            nn.init.normal_(self.class_prompts.weight, std=0.02)
+
+
+def vision_loss(model: VisionPretraining, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    from m3d_edge.model.lamed import dice_loss
+
+    loss, metrics = stages.clip_loss(model.clip, batch)
+    metrics["clip_loss"] = float(loss.detach())
+    if "seg_images" in batch:
+        patches = model.clip.vision_encoder(batch["seg_images"])[:, 1:]  # the LLM tower drops CLS the same way
+        logits = model.seg_module.decode(model.seg_module.tokens_to_grid(patches),
+                                         model.class_prompts(batch["seg_classes"])).float()
+        target = batch["seg_masks"]
+        dice = dice_loss(logits, target)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+        metrics.update(dice_loss=float(dice.detach()), bce_loss=float(bce.detach()))
+        loss = loss + dice + bce
+    return loss, metrics
+
+
+def _seg_pairs(items: Sequence[TaskItem], n: int, seed: int) -> list[tuple[str, str, str]]:
+    """n (image, mask, class) draws from the seg items with a mask: 60 % a target organ, 40 % any class."""
+    rng = random.Random(f"{seed}-clip-seg")
+    with_mask = [it for it in items if it.task == "seg" and it.mask is not None]
+    target = [it for it in with_mask if it.target in TARGET_ORGANS]
+    out = []
+    for _ in range(n):
+        it = rng.choice(target if target and rng.random() < 0.6 else with_mask)
+        out.append((it.image, it.mask, it.target))
+    return out
+
+
+def train_clip(cfg: RecipeConfig, data: Path, out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    vision = preset("phantom-small").vision
-    clip_cfg = ClipConfig(vision=vision, text_hf_config={}, text_source="minilm")
+    model_cfg = preset("phantom-small")
+    clip_cfg = ClipConfig(vision=model_cfg.vision, text_hf_config={}, text_source="minilm", text_pooling="mean")
     clip = M3DCLIP(clip_cfg, build_text_encoder(clip_cfg))
+    with torch.no_grad():
+        clip.logit_scale.fill_(10.0)
     for p in clip.language_encoder.parameters():
         p.requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(minilm_folder(), local_files_only=True)
-    caps = [it for it in task_items(data, "train", ("caption",), seed=cfg.seed)]
+    caps = task_items(data, "train", ("caption",), seed=cfg.seed)
+    n = cfg.clip_steps * cfg.clip_batch
+    rng = random.Random(f"{cfg.seed}-clip")
+    draws = [rng.choice(caps) for _ in range(n)]
+    use_seg = cfg.clip_seg and model_cfg.seg is not None and model_cfg.seg.share_vision_encoder
+    seg_items = task_items(data, "train", ("seg",), seed=cfg.seed) if use_seg else []
+    pairs = _seg_pairs(seg_items, n, cfg.seed) if seg_items else []
+    classes = sorted({c for _, _, c in pairs})
+    model = VisionPretraining(clip, SegVol(model_cfg.seg, model_cfg.vision) if pairs else None, classes,
+                              model_cfg.mm_hidden_size)
+    samples = [(cap, pairs[i] if pairs else None) for i, cap in enumerate(draws)]
 
-    def collate(items: Sequence[TaskItem]):
-        enc = tok([it.answer for it in items], padding=True, truncation=True, max_length=128, return_tensors="pt")
-        images = torch.stack([torch.from_numpy(np.load(it.image)) for it in items])
-        return {"images": images, "input_ids": enc.input_ids, "attention_mask": enc.attention_mask}
+    def collate(batch):
+        enc = tok([c.answer for c, _ in batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        out = {"images": torch.stack([torch.from_numpy(np.load(c.image)) for c, _ in batch]),
+               "input_ids": enc.input_ids, "attention_mask": enc.attention_mask}
+        if pairs:
+            out["seg_images"] = torch.stack([torch.from_numpy(np.load(s[0])) for _, s in batch])
+            out["seg_masks"] = torch.stack([torch.from_numpy(np.load(s[1])).float() for _, s in batch])
+            out["seg_classes"] = torch.tensor([classes.index(s[2]) for _, s in batch])
+        return out
 
-    _log(f"clip: {len(caps)} image-report pairs, {cfg.clip_steps} steps of {cfg.clip_batch}")
-    run(clip, [p for p in clip.parameters() if p.requires_grad], SampleList(caps), collate, stages.clip_loss,
-        TrainConfig(out=str(out), max_steps=cfg.clip_steps, batch_size=cfg.clip_batch, lr=cfg.lr_clip,
-                    weight_decay=0.1, save_every=max(1, cfg.clip_steps // 4), seed=cfg.seed, progress=cfg.progress))
-    from safetensors.torch import save_file
-
+    seg_params = list(model.seg_module.parameters()) + [model.class_prompts.weight] if pairs else []
+    groups = [{"params": [p for p in clip.parameters() if p.requires_grad]}]
+    if seg_params:
+        groups.append({"params": seg_params, "lr": cfg.lr_seg})
+    _log(f"clip: {len(caps)} image-report pairs, {cfg.clip_steps} steps of {cfg.clip_batch}"
+         + (f"; seg warm-up on {len(classes)} classes" if pairs else ""))
+    run(model, groups, SampleList(samples), collate, vision_loss,
+        _train_config(cfg, out, cfg.clip_steps, cfg.clip_batch, cfg.lr_clip, 4, weight_decay=0.1))
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(out / "clip.safetensors"))
-    return clip.vision_encoder.state_dict()
+    if pairs:
+        save_file({f"seg_module.{k}": v.contiguous() for k, v in model.seg_module.state_dict().items()},
+                  str(out / "seg.safetensors"))
+    return {"vision": clip.vision_encoder.state_dict(), "seg": model.seg_module.state_dict() if pairs else {}}
 
 
-# -- stage 1: align (projector only, cached vision features) -----------------------------------------------------
+# -- cached vision features (stages with a frozen tower) ---------------------------------------------------------
 
 class CachedFeatures:
-    """Vision-tower patch tokens per image path, computed once while the tower is frozen."""
+    """Vision-tower patch tokens per image file, computed once while the tower is frozen."""
 
-    def __init__(self, model, paths: Sequence[str]) -> None:
+    def __init__(self, model, items: Sequence[TaskItem], progress: bool = False) -> None:
+        from tqdm.auto import tqdm
+
+        first = {}
+        for it in items:
+            first.setdefault(it.image, it)
+        loader = TaskDataset(list(first.values()))
         self.tokens: dict[str, torch.Tensor] = {}
         model.eval()
         with torch.no_grad():
-            for p in sorted(set(paths)):
-                self.tokens[p] = model.vision_features(torch.from_numpy(np.load(p))[None])[0]
+            for i in tqdm(range(len(loader)), desc="vision features", disable=not progress):
+                sample = loader[i]
+                self.tokens[sample.image_key] = model.vision_features(torch.from_numpy(sample.image)[None])[0]
 
     def wrap(self, collate):
         def collate_cached(samples):
             batch = collate(samples)
-            batch["patch_tokens"] = torch.stack([self.tokens[s.source] for s in samples])
-            del batch["images"]
+            batch["patch_tokens"] = torch.stack([self.tokens[s.image_key] for s in samples])
+            batch.pop("images", None)
             return batch
 
         return collate_cached
 
+
+# -- stage 1: align (projector only, cached vision features) -----------------------------------------------------
 
 def train_align(cfg: RecipeConfig, model, collate, items: Sequence[TaskItem], out: Path) -> None:
     rng = random.Random(cfg.seed)
@@ -194,24 +302,25 @@ def train_align(cfg: RecipeConfig, model, collate, items: Sequence[TaskItem], ou
     pool = rng.sample(pool, min(len(pool), cfg.align_steps * cfg.batch))
     params = stages.align_params(model)
     _log(f"align: caching vision features of {len({it.image for it in pool})} images")
-    cache = CachedFeatures(model, [it.image for it in pool])
+    cache = CachedFeatures(model, pool, cfg.progress)
     _log(f"align: {len(pool)} samples, {cfg.align_steps} steps")
-    run(model, params, TaskDataset(pool), cache.wrap(collate), stages.lamed_loss,
-        TrainConfig(out=str(out), max_steps=cfg.align_steps, batch_size=cfg.batch, lr=cfg.lr_align,
-                    save_every=max(1, cfg.align_steps // 3), seed=cfg.seed, progress=cfg.progress))
+    run(model, params, TaskDataset(pool, with_images=False), cache.wrap(collate), stages.lamed_loss,
+        _train_config(cfg, out, cfg.align_steps, cfg.batch, cfg.lr_align, 3))
 
 
 # -- stage 2: instruct -------------------------------------------------------------------------------------------
 
 def instruct_mix(items: Sequence[TaskItem], n: int, seed: int) -> list[TaskItem]:
-    """n samples: 45 % seg + refseg (target organs first), 20 % REC/REG, 25 % VQA, 10 % captions."""
+    """n samples: 30 % seg + refseg (target organs first), 20 % REC/REG, 40 % VQA (closed most), 10 % captions.
+    Fewer "[SEG]" answers than a uniform mix: with half of the answers a "[SEG]" form, a first run learned to
+    answer "[SEG]." to everything (docs/training.md)."""
     rng = random.Random(seed)
     by = {t: [it for it in items if it.task == t] for t in ("seg", "refseg", "rec", "reg", "vqa_closed", "vqa_open",
                                                               "caption")}
     seg_target = [it for it in by["seg"] if it.target in TARGET_ORGANS]
     rec_target = [it for it in by["rec"] + by["reg"] if any(o in it.answer or o in it.question for o in TARGET_ORGANS)]
-    plan = [(seg_target, 0.30), (by["seg"], 0.05), (by["refseg"], 0.10), (rec_target, 0.15),
-            (by["rec"] + by["reg"], 0.05), (by["vqa_closed"], 0.17), (by["vqa_open"], 0.08), (by["caption"], 0.10)]
+    plan = [(seg_target, 0.18), (by["seg"], 0.04), (by["refseg"], 0.08), (rec_target, 0.12),
+            (by["rec"] + by["reg"], 0.08), (by["vqa_closed"], 0.30), (by["vqa_open"], 0.10), (by["caption"], 0.10)]
     out: list[TaskItem] = []
     for pool, share in plan:
         if pool:
@@ -229,20 +338,24 @@ def new_rows_only(embedding: torch.nn.Embedding, first_new: int) -> None:
 
 
 def train_instruct(cfg: RecipeConfig, model, collate, items: Sequence[TaskItem], out: Path) -> tuple[dict, dict]:
+    mix = instruct_mix(items, cfg.instruct_steps * cfg.batch, cfg.seed)
+    cache = None
+    if not cfg.train_vision:
+        _log(f"instruct: caching vision features of {len({it.image for it in mix})} images (tower frozen)")
+        cache = CachedFeatures(model, mix, cfg.progress)
     stages.add_lora(model, r=cfg.lora_r, alpha=2 * cfg.lora_r, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
-    params = stages.instruct_params(model)
+    params = stages.instruct_params(model, train_vision=cfg.train_vision)
     emb = model.embed_tokens
     emb.weight.requires_grad_(True)
     new_rows_only(emb, model.cfg.im_patch_id)
     params.append(emb.weight)
-    mix = instruct_mix(items, cfg.instruct_steps * cfg.batch, cfg.seed)
     frozen_rows = model.cfg.im_patch_id * emb.weight.shape[1]  # pretrained embedding rows, gradient zeroed
     trainable = sum(p.numel() for p in params if p.requires_grad) - frozen_rows
     _log(f"instruct: {len(mix)} samples, {cfg.instruct_steps} steps, {trainable / 1e6:.1f} M trainable values")
     seg_ids = {id(p) for m in (model.seg_module, model.seg_projector) for p in m.parameters()}
     groups = [{"params": [p for p in params if id(p) not in seg_ids]},
               {"params": [p for p in params if id(p) in seg_ids], "lr": cfg.lr_seg}]
-    run(model, groups, TaskDataset(mix), collate, stages.lamed_loss,
-        TrainConfig(out=str(out), max_steps=cfg.instruct_steps, batch_size=cfg.batch, lr=cfg.lr_instruct,
-                    save_every=max(1, cfg.instruct_steps // 6), seed=cfg.seed, progress=cfg.progress))
+    dataset = TaskDataset(mix, with_images=cache is None)
+    run(model, groups, dataset, cache.wrap(collate) if cache else collate, stages.lamed_loss,
+        _train_config(cfg, out, cfg.instruct_steps, cfg.batch, cfg.lr_instruct, 6))
     return stages.merge_lora(model)

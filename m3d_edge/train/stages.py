@@ -76,13 +76,14 @@ def merge_lora(model: LaMed) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return adapter, settings
 
 
-def instruct_params(model: LaMed, *, train_embeddings: bool = False) -> list[nn.Parameter]:
-    """Stage 2: LoRA adapters + projector + vision tower + seg projector + seg module (+ embeddings if asked)."""
+def instruct_params(model: LaMed, *, train_embeddings: bool = False, train_vision: bool = True) -> list[nn.Parameter]:
+    """Stage 2: LoRA adapters + projector + vision tower (unless train_vision=False) + seg projector + seg module
+    (+ embeddings if asked)."""
     freeze(model)
     if not hasattr(model.llm, "peft_config"):
         add_lora(model)
     trainable = [p for n, p in model.llm.named_parameters() if "lora_" in n]
-    modules = [model.mm_projector, model.vision_tower]
+    modules = [model.mm_projector] + ([model.vision_tower] if train_vision else [])
     if model.cfg.seg is not None:
         modules += [model.seg_projector, model.seg_module]
     if train_embeddings:
