@@ -179,8 +179,11 @@ def save_checkpoint(accelerator, out: Path, step: int, cfg: TrainConfig) -> Path
     """accelerate state + trainer_state.json, written under a temporary name and renamed when complete."""
     final = out / "checkpoints" / f"step-{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
-    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()  # every process writes its own files (RNG state) into tmp
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # all of them done before the rename
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": asdict(cfg)}, indent=2))
         if final.exists():
@@ -188,4 +191,5 @@ def save_checkpoint(accelerator, out: Path, step: int, cfg: TrainConfig) -> Path
 
             shutil.rmtree(final)
         tmp.rename(final)
+    accelerator.wait_for_everyone()
     return final
