@@ -322,8 +322,8 @@ def train_recipe(name: str, out: str, data: str | None, n_cases: int, seed: int,
 @click.option("--out", "out", required=True, type=click.Path(path_type=str), help="New folder for the bundle.")
 @click.option("--llm", "llm", default="int4-rtn", show_default=True,
               type=click.Choice(["int4-q41", "int4-rtn", "int4-hqq", "fp32", "fp16"]),
-              help="LLM weight precision (int4-q41: Q4_1 blocks, int8 LM head, exact for SmolLM2 but wrong on "
-                   "phantom-small; docs/export.md).")
+              help="LLM weight precision (int4-q41: Q4_1 blocks, int8 LM head, exact on SmolLM2; every 4-bit "
+                   "variant loses a merged LoRA's tuning: docs/export.md).")
 @click.option("--vision", "vision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
               help="Vision and segmentation graph precision.")
 @click.option("--tensorrt/--no-tensorrt", default=False, help="Also build TensorRT engines (needs an NVIDIA GPU).")

@@ -40,9 +40,9 @@ from m3d_edge.runtime import bundle as bundle_reader
 
 LLM_PRECISIONS = ("int4-q41", "int4-rtn", "int4-hqq", "fp32", "fp16")
 DEFAULT_LLM = "int4-rtn"
-# int4-q41 meets the int4 targets on the SmolLM2 weights (size <= 30% of fp32, perplexity +1.2%: docs/export.md)
-# but breaks the trained phantom-small (its LoRA-merged weights): EOS as the first token where fp32 and rtn
-# answer. Found 2026-11-29, cause not yet known; until then it is not the default.
+# int4-q41 meets the int4 targets on the SmolLM2 weights (size <= 30% of fp32, perplexity +1.2%: docs/export.md),
+# but no 4-bit bundle keeps a merged LoRA: its delta is below half a 4-bit step and rounds away (docs/export.md);
+# until the adapter is kept beside the quantized base, rtn (the fastest) stays the default.
 VISION_PRECISIONS = onnx_export.PRECISIONS
 PRESET_PREFIX = "preset:"
 # M3D-Bench settings (spec §8): greedy, 256 new tokens.
