@@ -18,6 +18,7 @@ import torch
 
 from m3d_edge.bench import metrics
 from m3d_edge.data.datasets import TaskDataset, TaskItem, task_items
+from m3d_edge.data.phantom import KEY_ORGANS
 from m3d_edge.data.prompts import image_prompt, parse_boxes
 
 MAX_NEW = {"caption": 160, "vqa_closed": 24, "vqa_open": 24, "seg": 24, "rec": 48, "reg": 32, "refseg": 32}
@@ -33,9 +34,6 @@ def ask(model, tok, image: torch.Tensor, question: str, max_new_tokens: int):
             text = text.replace(marker, "")
     has = g.has_seg is not None and bool(g.has_seg[0])
     return text.strip(), (g.seg_logits[0, 0].numpy() if has else None)
-
-
-KEY_ORGANS = ("liver", "spleen", "right kidney", "left kidney")  # the model card's per-organ Dice targets
 
 
 def evaluate_split(model, tok, data: str | Path, split: str = "test", *, per_task: int = 30, seed: int = 0,

@@ -30,18 +30,16 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-
 from torch import nn
 
 from m3d_edge.config import ClipConfig, preset
 from m3d_edge.data.datasets import LaMedCollator, SampleList, TaskDataset, TaskItem, task_items, validate_items
+from m3d_edge.data.phantom import KEY_ORGANS
 from m3d_edge.model import checkpoint, llm as llm_mod
 from m3d_edge.model.clip import M3DCLIP, build_text_encoder, minilm_folder
 from m3d_edge.model.segvol import SegVol
 from m3d_edge.train import stages
 from m3d_edge.train.loop import TrainConfig, cpu_supports_bf16, run
-
-TARGET_ORGANS = ("liver", "spleen", "right kidney", "left kidney")
 
 
 @dataclass(frozen=True)
@@ -208,7 +206,7 @@ def _seg_pairs(items: Sequence[TaskItem], n: int, seed: int) -> list[tuple[str, 
     """n (image, mask, class) draws from the seg items with a mask: 60 % a target organ, 40 % any class."""
     rng = random.Random(f"{seed}-clip-seg")
     with_mask = [it for it in items if it.task == "seg" and it.mask is not None]
-    target = [it for it in with_mask if it.target in TARGET_ORGANS]
+    target = [it for it in with_mask if it.target in KEY_ORGANS]
     out = []
     for _ in range(n):
         it = rng.choice(target if target and rng.random() < 0.6 else with_mask)
@@ -317,8 +315,8 @@ def instruct_mix(items: Sequence[TaskItem], n: int, seed: int) -> list[TaskItem]
     rng = random.Random(seed)
     by = {t: [it for it in items if it.task == t] for t in ("seg", "refseg", "rec", "reg", "vqa_closed", "vqa_open",
                                                               "caption")}
-    seg_target = [it for it in by["seg"] if it.target in TARGET_ORGANS]
-    rec_target = [it for it in by["rec"] + by["reg"] if any(o in it.answer or o in it.question for o in TARGET_ORGANS)]
+    seg_target = [it for it in by["seg"] if it.target in KEY_ORGANS]
+    rec_target = [it for it in by["rec"] + by["reg"] if any(o in it.answer or o in it.question for o in KEY_ORGANS)]
     plan = [(seg_target, 0.18), (by["seg"], 0.04), (by["refseg"], 0.08), (rec_target, 0.12),
             (by["rec"] + by["reg"], 0.08), (by["vqa_closed"], 0.30), (by["vqa_open"], 0.10), (by["caption"], 0.10)]
     out: list[TaskItem] = []

@@ -9,10 +9,10 @@
 Everything public is re-exported here: `from m3d_edge.data.phantom import generate_case, synthesize, ...`.
 """
 
-from m3d_edge.data.phantom.anatomy import (DEFAULT_TEMPLATE_DIR, HU_RANGES, LABEL, LESION_KINDS, LESION_ORGANS,
-                                           ORGAN_NAMES, PHASES, PLANE_ORIENTATION, PLANES, SEG_CLASSES, STRUCTURES,
-                                           TEMPLATE_LABELS, Case, Lesion, generate_case, load_template, render_blob,
-                                           sample_tissue_hu, smooth_noise)
+from m3d_edge.data.phantom.anatomy import (DEFAULT_TEMPLATE_DIR, HU_RANGES, KEY_ORGANS, LABEL, LESION_KINDS,
+                                           LESION_ORGANS, ORGAN_NAMES, PHASES, PLANE_ORIENTATION, PLANES, SEG_CLASSES,
+                                           STRUCTURES, TEMPLATE_LABELS, Case, Lesion, generate_case, load_template,
+                                           render_blob, sample_tissue_hu, smooth_noise)
 from m3d_edge.data.phantom.dataset import (CAP_GROUP, SEG_CODE, format_baselines, load_stats,
                                            majority_fraction, soft_dice, synthesize)
 from m3d_edge.data.phantom.text import ABNORMALITY_ANSWER, Referral, VQAItem, make_referrals, make_vqa, write_report
@@ -21,9 +21,9 @@ from m3d_edge.data.phantom.text import _KIND_NOUN, _PHASE_ANSWER, _PLANE_ANSWER 
 
 __all__ = [
     # anatomy
-    "DEFAULT_TEMPLATE_DIR", "HU_RANGES", "LABEL", "LESION_KINDS", "LESION_ORGANS", "ORGAN_NAMES", "PHASES",
-    "PLANE_ORIENTATION", "PLANES", "SEG_CLASSES", "STRUCTURES", "TEMPLATE_LABELS", "Case", "Lesion", "generate_case",
-    "load_template", "render_blob", "sample_tissue_hu", "smooth_noise",
+    "DEFAULT_TEMPLATE_DIR", "HU_RANGES", "KEY_ORGANS", "LABEL", "LESION_KINDS", "LESION_ORGANS", "ORGAN_NAMES",
+    "PHASES", "PLANE_ORIENTATION", "PLANES", "SEG_CLASSES", "STRUCTURES", "TEMPLATE_LABELS", "Case", "Lesion",
+    "generate_case", "load_template", "render_blob", "sample_tissue_hu", "smooth_noise",
     # text
     "ABNORMALITY_ANSWER", "Referral", "VQAItem", "make_referrals", "make_vqa", "write_report",
     # dataset
