@@ -27,3 +27,14 @@ def reference(fixture_dir):
     import numpy as np
 
     return dict(np.load(fixture_dir / "reference.npz"))
+
+
+def run_without_modules(blocked: tuple[str, ...], body: str, timeout: float = 120) -> None:
+    """Run the Python code `body` in a fresh interpreter in which the modules `blocked` cannot be imported (each
+    import of them raises ImportError), and fail the test with its stderr unless it exits cleanly."""
+    import subprocess
+    import sys
+
+    preamble = f"import sys\nfor name in {tuple(blocked)!r}:\n    sys.modules[name] = None\n"
+    done = subprocess.run([sys.executable, "-c", preamble + body], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr

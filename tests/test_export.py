@@ -5,8 +5,6 @@ Relative error is max|onnx - torch| / max|torch| over the whole output.
 
 import dataclasses
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,6 +25,8 @@ from m3d_edge.model.checkpoint import CheckpointError
 from m3d_edge.runtime import bundle as bundle_reader
 from m3d_edge.runtime.decoder import Decoder, DecoderSpec, GenerationOptions, greedy, top_p_sample
 from m3d_edge.runtime.engines import Engines, create_session
+
+from conftest import run_without_modules
 
 SEG_ID = 259  # tiny preset and fixture
 
@@ -484,13 +484,9 @@ def test_cli_export_errors(tiny_bundle):
 
 
 def test_runtime_imports_without_torch():
-    code = ("import sys\n"
-            "for name in ('torch', 'transformers'):\n"
-            "    sys.modules[name] = None  # any import of them now raises ImportError\n"
-            "import m3d_edge.runtime.bundle, m3d_edge.runtime.decoder, m3d_edge.runtime.engines\n"
-            "assert not any(m.startswith(('m3d_edge.model', 'm3d_edge.export')) for m in sys.modules)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    run_without_modules(("torch", "transformers"), (
+        "import m3d_edge.runtime.bundle, m3d_edge.runtime.decoder, m3d_edge.runtime.engines\n"
+        "assert not any(m.startswith(('m3d_edge.model', 'm3d_edge.export')) for m in sys.modules)\n"))
 
 
 # -- SmolLM2 (the default LLM) ------------------------------------------------------------------------------------

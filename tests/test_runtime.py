@@ -10,8 +10,6 @@ runs on real numbers.
 import dataclasses
 import json
 import shutil
-import subprocess
-import sys
 import threading
 
 import numpy as np
@@ -31,6 +29,8 @@ from m3d_edge.preprocess import to_model_input
 from m3d_edge.runtime.bundle import BundleError
 from m3d_edge.bench.metrics import dice
 from m3d_edge.runtime.pipeline import Pipeline, RuntimeInputError, sigmoid_mask
+
+from conftest import run_without_modules
 
 SEG, BX_START, BX_END, EOS = 259, 257, 258, 2  # tiny preset ids
 BOX_TEXT = "[0.125, 0.332, 0.1, 0.5, 0.7, 0.6]"
@@ -107,10 +107,7 @@ def forced_text(tokenizer: Tokenizer, text: str, start: int = 1) -> dict[int, in
 # -- (a) no torch ---------------------------------------------------------------------------------------------------
 
 def test_runtime_answers_with_torch_unimportable(bundle_dir):
-    code = (
-        "import sys\n"
-        "for name in ('torch', 'transformers'):\n"
-        "    sys.modules[name] = None  # any import of them now raises ImportError\n"
+    run_without_modules(("torch", "transformers"), (
         "import numpy as np\n"
         "from m3d_edge.imaging import Volume\n"
         "from m3d_edge.runtime.pipeline import Pipeline\n"
@@ -121,9 +118,7 @@ def test_runtime_answers_with_torch_unimportable(bundle_dir):
         "heavy = ('torch', 'transformers', 'm3d_edge.model', 'm3d_edge.export', 'm3d_edge.train', 'm3d_edge.kernels')\n"
         "loaded = [m for m, mod in sys.modules.items() if mod is not None and m.startswith(heavy)]\n"
         "assert not loaded, loaded\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    ))
 
 
 # -- (b) equivalence with the torch model ---------------------------------------------------------------------------

@@ -7,7 +7,6 @@ The bookkeeping tests fake an engine folder with dummy files: what they check (e
 
 import json
 import logging
-import subprocess
 import sys
 
 import numpy as np
@@ -17,6 +16,8 @@ from m3d_edge.export import tensorrt as trt_export
 from m3d_edge.runtime import bundle as bundle_reader
 from m3d_edge.runtime import trt as trt_runtime
 from m3d_edge.runtime.trt import TensorRTUnavailable
+
+from conftest import run_without_modules
 
 H200 = "nvidia-h200-sm90-trt10.13.3.9"
 A100 = "nvidia-a100-sxm4-80gb-sm80-trt10.13.3.9"
@@ -207,10 +208,7 @@ def test_engines_json_must_describe_the_files_beside_it(fake_bundle):
 
 def test_runtime_module_needs_no_torch(fake_bundle):
     """runtime/trt.py is importable, and answers "no engines here", with torch unimportable (the CPU runtime)."""
-    code = (
-        "import sys\n"
-        "for name in ('torch', 'tensorrt'):\n"
-        "    sys.modules[name] = None\n"
+    run_without_modules(("torch", "tensorrt"), (
         "from m3d_edge.runtime import trt\n"
         f"choice = trt.choose_engines({str(fake_bundle)!r})\n"
         "assert choice.folder is None and 'no TensorRT engines' in choice.reason, choice\n"
@@ -221,9 +219,7 @@ def test_runtime_module_needs_no_torch(fake_bundle):
         "else:\n"
         "    raise AssertionError('gpu_tag without torch must raise')\n"
         "assert 'm3d_edge.export' not in sys.modules\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
+    ), timeout=60)
 
 
 # -- build_engines' flow with a stand-in TensorRT ---------------------------------------------------------------
