@@ -195,8 +195,18 @@ class Decoder:
         self.embed_dtype = _NP_TYPES[types["inputs_embeds"]]
         capacity = max_length or min(spec.context_length, DEFAULT_MAX_LENGTH)
         self.cache = KVCache(spec, capacity, _NP_TYPES[types["past_key_values.0.key"]], device)
+        # Bound once: the cache buffers never move (GroupQueryAttention appends in place), so a step only rebinds
+        # its embeddings, the attention mask (a view of one preallocated row of ones) and, for one-position
+        # steps, preallocated logits / hidden outputs read without get_outputs. Rebinding all 2L cache values and
+        # wrapping 2L + 2 outputs on every token cost ~1 ms a step on SmolLM2 (2 cores), ~10% of decode.
         self._binding = session.io_binding()
+        self.cache.bind(self._binding)
         self._output_names = self.cache.output_names() + ["logits", "hidden_states"]
+        self._mask = np.ones((1, capacity), dtype=np.int64)
+        out_types = {o.name: _NP_TYPES[o.type] for o in session.get_outputs() if o.name in ("logits", "hidden_states")}
+        self._step_logits = np.zeros((1, 1, spec.vocab_size), out_types["logits"])
+        self._step_hidden = np.zeros((1, 1, spec.hidden_size), out_types["hidden_states"])
+        self._step_outputs = [ort.OrtValue.ortvalue_from_numpy(a) for a in (self._step_logits, self._step_hidden)]
 
     @classmethod
     def from_files(cls, decoder_onnx: str | Path, embeddings_npy: str | Path, spec: DecoderSpec, *,
@@ -221,11 +231,14 @@ class Decoder:
             raise ValueError(f"{total} positions do not fit the KV cache ({self.cache.max_length}); "
                              f"shorten the prompt or max_new_tokens, or build the Decoder with a larger max_length")
         b = self._binding
-        b.clear_binding_inputs()
-        b.clear_binding_outputs()
         b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=self.embed_dtype))
-        b.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
-        self.cache.bind(b)
+        b.bind_cpu_input("attention_mask", self._mask[:, :total])
+        if s == 1:  # a decode step: outputs into the preallocated arrays
+            b.bind_ortvalue_output("logits", self._step_outputs[0])
+            b.bind_ortvalue_output("hidden_states", self._step_outputs[1])
+            self.session.run_with_iobinding(b)
+            self.cache.length = total
+            return self._step_logits[0, -1].astype(np.float32), self._step_hidden[0, -1].astype(np.float32)
         b.bind_output("logits", "cpu")
         b.bind_output("hidden_states", "cpu")
         self.session.run_with_iobinding(b)
