@@ -93,26 +93,23 @@ def _default_bundle() -> str:
     from pathlib import Path
 
     from m3d_edge import __version__ as version
+    from m3d_edge.export.bundle import DEFAULT_LLM, checkpoint_digest  # int4-q41; a LoRA stays a float branch
 
     trained = Path(__file__).resolve().parents[1] / "models" / "phantom-small"
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "m3d-edge" / "bundles"
     if trained.is_dir():
-        from m3d_edge.export.bundle import checkpoint_digest
-
         source, tag = str(trained), checkpoint_digest(trained)
     else:
         source, tag = "preset:phantom-small", f"preset:phantom-small|{version}"
         click.echo("warning: models/phantom-small does not exist; using preset:phantom-small, whose vision and "
                    "segmentation weights are random (untrained): answers will not describe the scan", err=True)
-    # fp32 LLM: the 4-bit variants change the trained phantom-small's answers (docs/export.md), and the default
-    # bundle should answer as the model does; `m3d-edge export --llm int4-rtn` gives the small, fast one
-    target = cache / hashlib.sha256(f"{tag}|fp32".encode()).hexdigest()[:16]
+    target = cache / hashlib.sha256(f"{tag}|{DEFAULT_LLM}".encode()).hexdigest()[:16]
     if not (target / "manifest.json").is_file():
         from m3d_edge.export import bundle
 
         click.echo(f"building the default bundle from {source} into {target} (once; about a minute)", err=True)
         try:
-            bundle.build(source, target, llm="fp32", progress=False)
+            bundle.build(source, target, llm=DEFAULT_LLM, progress=False)
         except FileExistsError:  # another process finished it first
             pass
         except (ImportError, FileNotFoundError, ValueError, bundle.BundleBuildError) as e:
@@ -320,10 +317,11 @@ def train_recipe(name: str, out: str, data: str | None, n_cases: int, seed: int,
 @main.command()
 @click.argument("checkpoint")
 @click.option("--out", "out", required=True, type=click.Path(path_type=str), help="New folder for the bundle.")
-@click.option("--llm", "llm", default="int4-rtn", show_default=True,
-              type=click.Choice(["int4-q41", "int4-rtn", "int4-hqq", "fp32", "fp16"]),
-              help="LLM weight precision (int4-q41: Q4_1 blocks, int8 LM head, exact on SmolLM2; every 4-bit "
-                   "variant loses a merged LoRA's tuning: docs/export.md).")
+@click.option("--llm", "llm", default="int4-q41", show_default=True,
+              type=click.Choice(["int4-q41", "int4-rtn", "int4-hqq", "int4-gptq", "fp32", "fp16"]),
+              help="LLM weight precision (int4-q41: Q4_1 blocks, int8 LM head, exact on SmolLM2; int4-gptq: "
+                   "calibrated on phantom scans + prompts; a merged LoRA stays a float branch beside the 4-bit "
+                   "base: docs/export.md).")
 @click.option("--vision", "vision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
               help="Vision and segmentation graph precision.")
 @click.option("--tensorrt/--no-tensorrt", default=False, help="Also build TensorRT engines (needs an NVIDIA GPU).")

@@ -69,6 +69,8 @@ def test_delta_checkpoint_reloads_bit_exactly(smol, tmp_path):
     _, tok = smol
     torch.manual_seed(3)
     model = checkpoint.build(preset("phantom-small")).eval()
+    q0 = "model.layers.0.self_attn.q_proj"
+    base_q0 = model.base_llm.get_submodule(q0).weight.detach().clone()
     stages.add_lora(model, targets=("q_proj", "v_proj"))
     with torch.no_grad():
         for name, p in model.llm.named_parameters():
@@ -84,6 +86,15 @@ def test_delta_checkpoint_reloads_bit_exactly(smol, tmp_path):
     loaded = checkpoint.load(folder)
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
+    # the merged adapter's factors stay beside the model (the 4-bit export takes them apart again): merged weight
+    # minus s * B @ A is the base weight, and the loaded model carries the same factors
+    lora = loaded.merged_lora
+    assert lora is not None and lora.scaling == settings["lora_alpha"] / settings["r"] and len(lora.factors) == 60
+    merged_q0 = loaded.base_llm.get_submodule(q0).weight
+    assert lora.delta(q0).abs().mean() > 1e-4
+    torch.testing.assert_close(merged_q0 - lora.delta(q0), base_q0, rtol=0, atol=1e-6)
+    assert all(torch.equal(a, b) for pair, other in zip(lora.factors.values(), model.merged_lora.factors.values())
+               for a, b in zip(pair, other))
     # float16 storage (the committed default model): half the file; the loaded model is the rounded one, within
     # float16 rounding of the trained weights, and saving it again in float16 reproduces it bit for bit
     half = checkpoint.save_delta(model, tmp_path / "half", adapter=adapter, lora=settings, dtype=torch.float16)
@@ -96,3 +107,19 @@ def test_delta_checkpoint_reloads_bit_exactly(smol, tmp_path):
         k: v.half().float() for k, v in adapter.items()}, lora=settings, dtype=torch.float16))
     for (k, a), (_, b) in zip(rounded.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_merged_lora_reads_peft_adapters():
+    from m3d_edge.model.lora import MergedLora
+
+    a, b = torch.randn(4, 8), torch.randn(6, 4)
+    keys = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": a,
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": b}
+    lora = MergedLora.from_adapter(keys, {"r": 4, "lora_alpha": 8})
+    assert list(lora.factors) == ["model.layers.0.self_attn.q_proj"] and lora.rank == 4 and lora.scaling == 2.0
+    torch.testing.assert_close(lora.delta("model.layers.0.self_attn.q_proj"), 2.0 * b @ a)
+    assert MergedLora.from_adapter(keys, {"r": 4, "lora_alpha": 8, "use_rslora": True}).scaling == 4.0  # alpha/sqrt(r)
+    with pytest.raises(ValueError, match="without both A and B"):
+        MergedLora.from_adapter({k: v for k, v in keys.items() if "lora_A" in k}, {"r": 4})
+    with pytest.raises(ValueError, match="use_dora"):
+        MergedLora.from_adapter(keys, {"r": 4, "use_dora": True})

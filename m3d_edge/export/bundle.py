@@ -27,10 +27,11 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from m3d_edge import __version__
+from m3d_edge import __version__, calibration
 from m3d_edge.export import reporter
 from m3d_edge.config import BX_END, BX_START, IM_PATCH, SEG, preset
 from m3d_edge.export import llm as llm_export
+from m3d_edge.export import lora as lora_export
 from m3d_edge.export import onnx as onnx_export
 from m3d_edge.export import quantize
 from m3d_edge.model import checkpoint
@@ -38,11 +39,11 @@ from m3d_edge.model import llm as llm_model
 from m3d_edge.model.lamed import LaMed
 from m3d_edge.runtime import bundle as bundle_reader
 
-LLM_PRECISIONS = ("int4-q41", "int4-rtn", "int4-hqq", "fp32", "fp16")
-DEFAULT_LLM = "int4-rtn"
-# int4-q41 meets the int4 targets on the SmolLM2 weights (size <= 30% of fp32, perplexity +1.2%: docs/export.md),
-# but no 4-bit bundle keeps a merged LoRA: its delta is below half a 4-bit step and rounds away (docs/export.md);
-# until the adapter is kept beside the quantized base, rtn (the fastest) stays the default.
+LLM_PRECISIONS = ("int4-q41", "int4-rtn", "int4-hqq", "int4-gptq", "fp32", "fp16")
+DEFAULT_LLM = "int4-q41"
+# int4-q41 stores SmolLM2's Q4_1 weights exactly (perplexity +1.2% from int8 activations, 21% of fp32's bytes:
+# docs/export.md), and a merged LoRA is kept beside it as a float branch (export.lora), so the trained model's
+# answers survive. int4-rtn decodes faster but re-rounds the base (+44% perplexity).
 VISION_PRECISIONS = onnx_export.PRECISIONS
 PRESET_PREFIX = "preset:"
 # M3D-Bench settings (spec §8): greedy, 256 new tokens.
@@ -109,7 +110,7 @@ def build(checkpoint_or_model: str | Path | LaMed, out_dir: str | Path, *, llm: 
         os.replace(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, llm_export.LLMExportError):
+        if isinstance(e, (llm_export.LLMExportError, lora_export.LoraPlacementError)):
             raise BundleBuildError(str(e)) from e
         raise
     say(f"bundle written: {out}")
@@ -162,14 +163,43 @@ def _export_decoder(model: LaMed, tokenizer: Any, tmp: Path,
     else:
         work = tmp / ".decoder-fp32"
         llm_export.export_decoder(model, work, tokenizer=tokenizer)
-        src = work / llm_export.DECODER_FILE
-        if precision == "fp16":
-            quant = quantize.decoder_to_fp16(src, target)
-        else:
-            quant = quantize.quantize_decoder(src, target, method=precision.split("-", 1)[1])
+        quant = lower_decoder(model, work / llm_export.DECODER_FILE, target, precision, tokenizer=tokenizer)
         shutil.rmtree(work)
     entry = {"file": target.name, "precision": precision, **onnx_export.io_signature(target)}
     return entry, quant
+
+
+def lower_decoder(model: LaMed, src: Path, dst: Path, precision: str, *, lm_head: Optional[str] = None,
+                  tokenizer: Any = None) -> dict[str, Any]:
+    """The fp32 decoder.onnx of `model` at `src` -> `precision` (fp16 or int4-*) at `dst` (+ .data); `src` is not
+    changed. At 4 bits a merged LoRA goes back to a float branch beside the quantized base first (export.lora);
+    int4-gptq calibrates on scans + prompts (m3d_edge.calibration) made with `tokenizer` (None: the stand-in).
+    Returns the manifest's `quantization` record."""
+    if precision == "fp16":
+        return quantize.decoder_to_fp16(src, dst)
+    method = precision.split("-", 1)[1]
+    extra: dict[str, Any] = {}
+    calibration_feeds = None
+    if method == "gptq":
+        feeds = calibration.decoder_feeds(model, tokenizer or llm_export.stand_in_tokenizer(model))
+        calibration_feeds, extra["calibration"] = feeds.feeds, feeds.record
+    if model.merged_lora is None:
+        quant = quantize.quantize_decoder(src, dst, method=method, lm_head=lm_head, calibration=calibration_feeds)
+        return {**quant, **extra}
+    import onnx
+
+    proto = onnx.load(str(src))
+    adapter = lora_export.split_adapter(proto, model.merged_lora, model.base_llm)
+    split = dst.parent / ".decoder-lora-apart" / src.name
+    split.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        onnx.save_model(proto, str(split), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=split.name + ".data", size_threshold=1024)
+        del proto
+        quant = quantize.quantize_decoder(split, dst, method=method, lm_head=lm_head, calibration=calibration_feeds)
+    finally:
+        shutil.rmtree(split.parent, ignore_errors=True)
+    return {**quant, **extra, "lora": adapter}
 
 
 # -- manifest ----------------------------------------------------------------------------------------------------
@@ -204,7 +234,9 @@ def _manifest(model: LaMed, tokenizer: Any, folder: Path, components: dict, quan
         "components": components,
         "quantization": quant,
         "files": files,
-        "provenance": {"source": source, "calibration_sha256": None, "libraries": _library_versions(),
+        "provenance": {"source": source,
+                       "calibration_sha256": ((quant or {}).get("calibration") or {}).get("sha256"),
+                       "libraries": _library_versions(),
                        "python": platform.python_version(), "m3d_edge": __version__},
     }
 

@@ -21,14 +21,16 @@ q41   4-bit, asymmetric, llama.cpp's Q4_1 fitted into MatMulNBits: per block, s 
       Weights that were Q4_1 blocks of the same size (our SmolLM2, read from its GGUF) come back exactly.
       Without the offset term the remainder is a shift shared by the 32 weights of a block, whose errors add
       up in a dot product instead of averaging out: on SmolLM2 that is worse than symmetric rounding (see
-      docs/export.md). Cost: one Reshape + ReduceSum per distinct input, one MatMul + Add per weight, fp32.
+      docs/export.md). Cost: one MatMul per distinct input (the block sums x @ S, S [K, K/block] of ones), one
+      MatMul + Add per weight, fp32 (any input rank). Measured on SmolLM2 decode (ORT profile, 2 cores): the
+      small float MatMuls cost ~13 us each whatever their size, the bulk of q41's gap to rtn; folding a kept
+      LoRA branch into the same MatMuls (x @ [A | S] @ [s B ; offsets]) saved nodes but no time, so it was
+      not kept.
 sym8  8-bit, symmetric: s = max|w| / 127, codes round(w / s) + 128, no zero-point input. llama.cpp's Q8_0
       (block 32, the same rule) comes back exactly: SmolLM2's tied embedding / LM head is Q8_0 in the GGUF.
 
 Limits: K must be a multiple of the block (`block_view` raises; `export.quantize` leaves such a MatMul float and
-counts it). The offset term reshapes the MatMul input as [B, S, K]: a rank-3 input, as every MatMul the
-onnxruntime-genai builder writes has; `rewrite_matmul` raises when told another rank, and an unknown rank is
-taken to be 3 (a wrong guess fails when the graph runs, never silently).
+counts it).
 """
 
 from __future__ import annotations
@@ -114,6 +116,13 @@ def pack_zero_points(blocks: Blocks) -> np.ndarray:
     return (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
 
 
+def _block_sum_matrix(k: int, block: int) -> np.ndarray:
+    """S [K, K/block] float32 with S[i, i // block] = 1: x @ S sums x over each block of input channels."""
+    s = np.zeros((k, k // block), np.float32)
+    s[np.arange(k), np.arange(k) // block] = 1.0
+    return s
+
+
 @dataclass
 class Shared:
     """What the rewrites of one graph share: block sums per MatMul input (gate and up projections read the same
@@ -123,13 +132,15 @@ class Shared:
 
 
 def rewrite_matmul(graph, node, w: np.ndarray, scheme: str, *, block: int, accuracy_level: int, shared: Shared,
-                   input_rank: Optional[int] = None) -> list:
+                   blocks: Optional[Blocks] = None) -> list:
     """The nodes that replace MatMul `node` (weight `w` [K, N]) under `scheme`, in order; their initializers are
-    appended to `graph`. `input_rank`: the rank of the MatMul input when known (the offset term needs 3)."""
+    appended to `graph`. `blocks`: already quantized (e.g. by export.gptq); `scheme` is then only a label. `side`: a float low-rank
+    term x @ A @ B (A [K, R], B [R, N]; a LoRA adapter kept apart) added to the output; with an offset term
+    both share two MatMuls: x @ [A | S] @ [B ; offsets], S the block-sum matrix."""
     from onnx import helper, numpy_helper
 
     k, n = w.shape
-    blocks = QUANTIZERS[scheme](w, block)
+    blocks = QUANTIZERS[scheme](w, block) if blocks is None else blocks
     weight = node.input[1]
     tag = f"_Q{blocks.bits}"
     inits = [numpy_helper.from_array(pack_codes(blocks), weight + tag),
@@ -146,22 +157,17 @@ def rewrite_matmul(graph, node, w: np.ndarray, scheme: str, *, block: int, accur
     nodes = [helper.make_node("MatMulNBits", inputs, [out + "/nbits" if offset else out], name=node.name + tag,
                               domain=MS_DOMAIN, **attrs)]
     if offset:
-        if input_rank not in (None, 3):
-            raise ValueError(f"{node.name}: its input has rank {input_rank}; the q41 offset term needs [B, S, K]")
         x = node.input[0]
-        if x not in shared.blocksums:  # x [B, S, K] -> [B, S, K/block, block] -> block sums [B, S, K/block]
-            shape, axes = f"q41_shape_{k // block}x{block}", "q41_last_axis"
-            for name, value in ((shape, [0, 0, k // block, block]), (axes, [-1])):
-                if name not in shared.constants:
-                    inits.append(numpy_helper.from_array(np.asarray(value, np.int64), name))
-                    shared.constants.add(name)
-            nodes[:0] = [helper.make_node("Reshape", [x, shape], [x + "/blocks"], name=x + "/blocks"),
-                         helper.make_node("ReduceSum", [x + "/blocks", axes], [x + "/blocksum"], keepdims=0,
-                                          name=x + "/blocksum")]
+        if x not in shared.blocksums:  # block sums x @ S [K, K/block] (ones on each block's rows), shared by
+            ones = f"q41_blocksum_{k}x{block}"  # the weights that read x (gate and up)
+            if ones not in shared.constants:
+                inits.append(numpy_helper.from_array(_block_sum_matrix(k, block), ones))
+                shared.constants.add(ones)
+            nodes.insert(0, helper.make_node("MatMul", [x, ones], [x + "/blocksum"], name=x + "/blocksum"))
             shared.blocksums[x] = x + "/blocksum"
         inits.append(numpy_helper.from_array(np.ascontiguousarray(blocks.offset.T), weight + "_offsets"))
         nodes += [helper.make_node("MatMul", [shared.blocksums[x], weight + "_offsets"], [out + "/offset"],
-                                   name=node.name + "_offset"),  # [B, S, K/block] x [K/block, N] -> [B, S, N]
+                                   name=node.name + "_offset"),  # [..., K/block] x [K/block, N] -> [..., N]
                   helper.make_node("Add", [out + "/nbits", out + "/offset"], [out], name=node.name + "_add")]
     graph.initializer.extend(inits)
     return nodes

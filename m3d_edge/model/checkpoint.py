@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from m3d_edge.config import ModelConfig, load_config
 from m3d_edge.model import llm as llm_mod
 from m3d_edge.model.lamed import LaMed
+from m3d_edge.model.lora import MergedLora
 
 _MM_PREFIXES = ("vision_tower.", "mm_projector.", "seg_module.", "seg_projector.")
 
@@ -297,6 +298,7 @@ def _load_delta(folder: Path, cfg: ModelConfig, storage: Mapping) -> LaMed:
             raise CheckpointError(f"{folder}: adapter keys the LoRA config does not have: "
                                   f"{_summarise(result.unexpected_keys)}")
         model.llm = model.llm.merge_and_unload()
+        model.merged_lora = MergedLora.from_adapter(adapter, lora)
     with torch.no_grad():
         model.embed_tokens.weight[base_vocab:] = state.pop("llm.new_embedding_rows")
         if "llm.new_lm_head_rows" in state:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from m3d_edge.config import ModelConfig
+from m3d_edge.model.lora import MergedLora
 from m3d_edge.model.projector import SpatialPoolingProjector
 from m3d_edge.model.segvol import SegVol
 from m3d_edge.model.vit3d import VisionTower
@@ -118,6 +119,9 @@ class LaMed(nn.Module):
             self.seg_projector = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, cfg.mm_hidden_size),
                                                nn.Dropout(0.1))
             self.seg_module = SegVol(cfg.seg, cfg.vision)
+        # set when a LoRA adapter was merged into self.llm (checkpoint loading, train.stages.merge_lora): the 4-bit
+        # export keeps it apart from the quantized base (model.lora explains why)
+        self.merged_lora: Optional[MergedLora] = None
 
     # -- pieces ------------------------------------------------------------------------------------------------
     @property

@@ -16,6 +16,7 @@ from torch import nn
 
 from m3d_edge.model.clip import M3DCLIP
 from m3d_edge.model.lamed import LaMed
+from m3d_edge.model.lora import MergedLora
 
 # Every nn.Linear inside the LLM's decoder layers gets LoRA (official: all LLM linears but lm_head).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
@@ -73,6 +74,7 @@ def merge_lora(model: LaMed) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
                 "target_modules": sorted(pc.target_modules), "task_type": "CAUSAL_LM"}
     adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model.llm).items()}
     model.llm = model.llm.merge_and_unload()
+    model.merged_lora = MergedLora.from_adapter(adapter, settings)
     return adapter, settings
 
 
