@@ -41,13 +41,9 @@ def providers_for(device: str, *, tensorrt: bool = False) -> list[str]:
     return wanted + ["CPUExecutionProvider"]
 
 
-def session_options(threads: Optional[int] = None, *, arena: bool = True) -> ort.SessionOptions:
-    """arena=False: buffers go back to the system after each run instead of staying in ORT's CPU arena. For graphs
-    run once per scan with large activations (vision, segmentation): measured on phantom-small, the arena kept
-    ~50 MB of their activations resident beside the decoder's for the rest of the process."""
+def session_options(threads: Optional[int] = None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.enable_cpu_mem_arena = arena
     if threads:
         opts.intra_op_num_threads = threads
     # Logging at "warning" lets the few ORT messages that matter through (e.g. a node falling back to CPU).
@@ -56,12 +52,12 @@ def session_options(threads: Optional[int] = None, *, arena: bool = True) -> ort
 
 
 def create_session(path: str | Path, *, device: str = "cpu", tensorrt: bool = False,
-                   threads: Optional[int] = None, arena: bool = True) -> ort.InferenceSession:
+                   threads: Optional[int] = None) -> ort.InferenceSession:
     path = Path(path)
     if not path.is_file():
         raise EngineError(f"{path}: ONNX file not found")
     try:
-        return ort.InferenceSession(str(path), sess_options=session_options(threads, arena=arena),
+        return ort.InferenceSession(str(path), sess_options=session_options(threads),
                                     providers=providers_for(device, tensorrt=tensorrt))
     except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
             ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as e:
@@ -77,10 +73,9 @@ class Engines:
     threads: Optional[int] = None
     _sessions: dict[Path, ort.InferenceSession] = field(default_factory=dict, repr=False)
 
-    def get(self, path: str | Path, *, arena: bool = True) -> ort.InferenceSession:
-        """arena: see `session_options`; it applies when this call creates the session."""
+    def get(self, path: str | Path) -> ort.InferenceSession:
         key = Path(path).resolve()
         if key not in self._sessions:
             self._sessions[key] = create_session(key, device=self.device, tensorrt=self.tensorrt,
-                                                 threads=self.threads, arena=arena)
+                                                 threads=self.threads)
         return self._sessions[key]

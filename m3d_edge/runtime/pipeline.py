@@ -215,11 +215,9 @@ class Pipeline:
             listed.add(self.tokens["bos"])
         self._drop_ids = (special | {int(i) for i in listed}) - {int(self.tokens["seg"])}
         # every session is created here, once; a bundle whose graphs ORT cannot load fails at load, not mid-answer
-        # once-per-scan graphs with large activations give their memory back after each run (engines.session_options)
-        self._vision = engines.get(bundle.path("vision"), arena=False)
-        self._seg_encoder = engines.get(bundle.path("seg_encoder"), arena=False) if bundle.has("seg_encoder") else None
-        self._seg_decoder = (engines.get(bundle.path("seg_decoder"), arena=False)
-                             if self.seg and bundle.has("seg_decoder") else None)
+        self._vision = engines.get(bundle.path("vision"))
+        self._seg_encoder = engines.get(bundle.path("seg_encoder")) if bundle.has("seg_encoder") else None
+        self._seg_decoder = engines.get(bundle.path("seg_decoder")) if self.seg and bundle.has("seg_decoder") else None
         self._decoder_session = engines.get(bundle.path("decoder"))
         self._decoder_spec = DecoderSpec.from_manifest(m["decoder"])
         self._embeddings = bundle.embeddings()  # [V, H] float16, memory-mapped
