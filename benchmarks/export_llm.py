@@ -1,14 +1,15 @@
 """What the LLM export costs and buys on a CPU: bundle size, decode speed and quality of fp32 / fp16 / int4 decoders.
 
-    python benchmarks/export_llm.py [--checkpoint DIR] [--workdir DIR] [--out-dir docs/]
+    python benchmarks/export_llm.py [--checkpoint DIR] [--workdir DIR] [--out-dir docs/] [--name bench-export]
                                     [--repeats 3] [--new-tokens 64] [--reports 30] [--threads 2]
 
 Model: phantom-small's LLM (SmolLM2-135M-Instruct + the four M3D tokens), built with torch.manual_seed(0) as
 `export.bundle` does for `preset:phantom-small`, or the LLM of the checkpoint folder given with --checkpoint.
-Writes bench-export.json and bench-export.md into --out-dir. Three parts, one run:
+Writes NAME.json and NAME.md (--name, default bench-export) into --out-dir. Three parts, one run:
 
 1. Sizes. One fp32 bundle (`export.bundle.build`), and decoder.onnx re-made from its fp32 decoder at fp16,
-   int4-q41 (the default), int4-rtn and int4-hqq (`export.quantize`), plus a diagnostic int4-rtn with the LM head
+   int4-q41 (the default), int4-rtn, int4-hqq and int4-gptq (`export.quantize`; GPTQ calibrated on phantom scans +
+   prompts, `m3d_edge.calibration`, seed 30000, disjoint from the held-out reports), plus a diagnostic int4-rtn with the LM head
    kept fp32 (`lm_head="fp32"`); the other bundle files do not depend on the LLM precision, so they are counted
    once. The vision graphs are also exported at fp16 for their size. The GGUF llama.cpp reads is listed for scale.
 2. Decode speed, batch 1, greedy, the same token ids for every engine (a short ChatML prompt, tokenized with the
@@ -66,7 +67,7 @@ from typing import Any, Optional, Protocol
 import numpy as np
 
 DEFAULT_PRESET = "phantom-small"
-PRECISIONS = ("fp32", "fp16", "int4-q41", "int4-rtn", "int4-hqq")
+PRECISIONS = ("fp32", "fp16", "int4-q41", "int4-rtn", "int4-hqq", "int4-gptq")
 # a diagnostic beside the four bundle precisions: RTN with the LM head (the tied embedding) left fp32
 RTN_FP32_HEAD = "int4-rtn-fp32-head"
 BUNDLE_FILES = ("decoder.onnx", "decoder.onnx.data", "embeddings.npy", "vision.onnx", "seg_decoder.onnx",
@@ -163,7 +164,6 @@ def build_artefacts(source: Source, workdir: Path) -> dict[str, Any]:
     from m3d_edge.export import bundle as bundle_export
     from m3d_edge.export import llm as llm_export
     from m3d_edge.export import onnx as onnx_export
-    from m3d_edge.export import quantize
 
     workdir.mkdir(parents=True, exist_ok=True)
     stamp = workdir / "source.txt"
@@ -188,11 +188,11 @@ def build_artefacts(source: Source, workdir: Path) -> dict[str, Any]:
             say(f"making the {precision} decoder")
             shutil.rmtree(folder, ignore_errors=True)
             t = time.perf_counter()
-            if precision == "fp16":
-                info = quantize.decoder_to_fp16(decoders["fp32"], target)
-            else:
-                info = quantize.quantize_decoder(decoders["fp32"], target, method=precision.split("-")[1],
-                                                 lm_head="fp32" if precision == RTN_FP32_HEAD else None)
+            # as the bundle does it (a checkpoint's merged LoRA stays a float branch at 4 bits: export.lora)
+            lm_head = "fp32" if precision == RTN_FP32_HEAD else None
+            info = bundle_export.lower_decoder(source.model, decoders["fp32"], target,
+                                               "int4-rtn" if lm_head else precision, lm_head=lm_head,
+                                               tokenizer=source.tokenizer)
             seconds[f"decoder-{precision}"] = round(time.perf_counter() - t, 1)
             record.write_text(json.dumps(info, indent=2))  # written last: its presence marks a finished decoder
         decoders[precision] = target
@@ -669,7 +669,7 @@ def markdown(result: dict[str, Any]) -> str:
     m, sz, gen, q = result["machine"], result["sizes"], result["generation"], result["quality"]
     lines = ["# LLM export benchmark", "",
              f"`{result['command']}`, {result['date']}. Script: `benchmarks/export_llm.py` (its docstring gives the "
-             f"method); raw numbers: `bench-export.json`.", "",
+             f"method); raw numbers: `{result.get('name', 'bench-export')}.json`.", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {result['threads']} threads per engine; "
              f"no GPU. Load average (1, 5, 15 min) before: {m['load_before']}, after: {m['load_after']}"
              f"{' (shared with another job: timings are noisy)' if m['load_before'][0] > 0.5 * (m['cores'] or 1) else ''}.",
@@ -736,8 +736,9 @@ def markdown(result: dict[str, Any]) -> str:
 def notes(result: dict[str, Any]) -> list[str]:
     if result["model"]["same_weights_as_gguf"]:
         out = ["Same weights: phantom-small's SmolLM2 weights come from the Q4_1 GGUF, dequantized to fp32 by "
-               "transformers; llama.cpp runs that GGUF. fp32 / fp16 decoders hold those values; int4-rtn and "
-               "int4-hqq re-quantize them (a second rounding). The four M3D token rows exist only in our models."]
+               "transformers; llama.cpp runs that GGUF. fp32 / fp16 decoders hold those values; int4-rtn, "
+               "int4-hqq and int4-gptq re-quantize them (a second rounding). The four M3D token rows exist only in "
+               "our models."]
     else:
         out = ["Not the same weights: this checkpoint's LLM is not the untouched SmolLM2 GGUF that llama.cpp runs; "
                "the llama.cpp rows are the base model, for scale only."]
@@ -745,7 +746,9 @@ def notes(result: dict[str, Any]) -> list[str]:
             "int4-q41 holds the same blocks as fp32 scale, uint4 zero point and a float32 offset (the zero point's "
             "rounding remainder, applied as block sums of the activations times the offsets), with an int8 LM "
             "head (Q8_0's rule): the GGUF's values exactly; "
-            "int4-rtn is symmetric (block 32, fp32 scale, no zero point) with an int4 LM head; int4-hqq is "
+            "int4-rtn is symmetric (block 32, fp32 scale, no zero point) with an int4 LM head; int4-gptq is "
+            "asymmetric (uint4 zero points, min/max blocks of 32) with GPTQ's error compensation from 16 multimodal "
+            "calibration feeds (4 phantom scans x 4 task prompts + report) and an int8 LM head; int4-hqq is "
             "asymmetric with float zero points, for which ORT's CPU kernel has no fast path.",
             "Timing covers the whole loop each engine needs (ORT: embedding lookup, IO binding, numpy argmax; "
             "torch: the Python loop; llama.cpp: its C sampler). Greedy ties or tiny logit differences can make "
@@ -760,6 +763,12 @@ def notes(result: dict[str, Any]) -> list[str]:
             "left fp32, to separate the LM head's share of the int4 error.",
             "The quality references are computed differently (torch: one full-sequence forward; llama.cpp: "
             "logits_all over the sequence) and only frame the decoder rows."]
+    adapter = (result["quantization"].get("int4-q41") or {}).get("lora")
+    if adapter:
+        out.append(f"This checkpoint's LLM carries a merged LoRA (rank {adapter['rank']}, {adapter['modules']} "
+                   f"modules). Every int4 decoder keeps it apart (export.lora): the base weights are quantized and "
+                   f"the adapter runs as a float branch beside {adapter['matmuls_with_branch']} of the MatMuls; the "
+                   f"fp32 and fp16 decoders hold the merged weights. PyTorch eager runs the merged model.")
     rows = {r["engine"]: r for r in result["generation"]["rows"]}
     one = [rows.get("decoder.onnx int4-rtn, 1 thread"), rows.get("llama.cpp, 1 thread")]
     if all(one) and result["threads"] != 1:
@@ -824,7 +833,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help=f"checkpoint folder whose LLM to measure (default: preset {DEFAULT_PRESET}, seed 0)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="keep (and reuse) the exported bundle and decoders here; default: a temporary folder")
-    p.add_argument("--out-dir", type=Path, default=Path("docs"), help="where bench-export.json / .md go")
+    p.add_argument("--out-dir", type=Path, default=Path("docs"), help="where NAME.json / NAME.md go")
+    p.add_argument("--name", default="bench-export", help="output file stem (default bench-export)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per engine, after one warm-up")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per timed run")
     p.add_argument("--reports", type=int, default=30, help="held-out phantom reports for the quality part")
@@ -884,7 +894,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         q = quality(art, source, spec, gguf, args.reports, args.threads, tokenizer)
         q["load_before"], q["load_after"] = load_q_before, load_average()
 
-        result = {"benchmark": "benchmarks/export_llm.py",
+        result = {"benchmark": "benchmarks/export_llm.py", "name": args.name,
                   "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                   "command": command, "threads": args.threads,
                   "machine": {**machine(), "load_before": load_before, "load_after": load_average()},
@@ -901,10 +911,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                   "wall_seconds": round(time.perf_counter() - started, 1)}
         result["notes"] = notes(result)
         args.out_dir.mkdir(parents=True, exist_ok=True)
-        (args.out_dir / "bench-export.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out_dir / "bench-export.md").write_text(markdown(result))
-        say(f"wrote {args.out_dir / 'bench-export.json'} and {args.out_dir / 'bench-export.md'} "
-            f"in {result['wall_seconds']} s")
+        (args.out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out_dir / f"{args.name}.md").write_text(markdown(result))
+        say(f"wrote {args.out_dir / args.name}.json and .md in {result['wall_seconds']} s")
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,6 @@
 """The slim runtime (int4 bundle, ONNX Runtime) against the official-style PyTorch/HF pipeline and llama.cpp, on CPU.
 
-    python benchmarks/runtime.py [--out docs] [--repeat 3] [--new-tokens 64] [--soak 100] [--work DIR] [--llm int4-rtn]
+    python benchmarks/runtime.py [--out docs] [--repeat 3] [--new-tokens 64] [--soak 100] [--work DIR] [--llm int4-q41]
 
 One model for all: phantom-small (models/phantom-small when it exists, else the preset with seed 0: random vision
 and seg weights, real SmolLM2-135M). One scan: phantom case 0 written as NIfTI. One set of prompts: the four
@@ -12,7 +12,7 @@ both pipelines (the untrained preset never writes it), so the mask path is alway
 Each pipeline runs in its own subprocess (so peak RSS, ru_maxrss, is its own), with one warm-up run and
 `--repeat` timed runs; figures are medians.
 
-- runtime: m3d_edge.runtime.Pipeline on the 4-bit bundle (`--llm`, default int4-rtn, the export default). A run = the scan file -> four answers, cold (scan
+- runtime: m3d_edge.runtime.Pipeline on the 4-bit bundle (`--llm`, default int4-q41, the export default). A run = the scan file -> four answers, cold (scan
   cache cleared): read, preprocess and vision once, the image-prefix KV reused for questions 2-4.
 - reference: what the official code does, fp32 PyTorch eager: the same numpy preprocessing, then per question
   the vision tower + projector, `llm.generate(inputs_embeds=..., output_hidden_states=True,
@@ -477,7 +477,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--soak", type=int, default=100, help="questions in a row for the RSS growth check")
     p.add_argument("--work", default=None, help="folder for the bundle and the scan [default: a temp folder]")
-    p.add_argument("--llm", default="int4-rtn", choices=("int4-q41", "int4-rtn", "int4-hqq"),
+    p.add_argument("--llm", default="int4-q41", choices=("int4-q41", "int4-rtn", "int4-hqq"),
                    help="the 4-bit bundle to measure")
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     p.add_argument("--bundle", help=argparse.SUPPRESS)
