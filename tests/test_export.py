@@ -652,3 +652,18 @@ def test_4bit_decoder_keeps_the_trained_lora_apart(tmp_path):
         errors[name] = rel_err(logits(dst), reference)
     assert errors["kept apart"] < 1e-4, errors
     assert errors["merged"] > 100 * errors["kept apart"], errors
+
+
+def test_library_imports_leave_the_root_logger_alone(tmp_path, monkeypatch):
+    """ORT's matmul_nbits_quantizer configures the root logger at import (INFO, a stderr handler); the export
+    imports it through import_keeping_logging, which puts the root logger back as it was."""
+    import logging
+
+    from m3d_edge.export import import_keeping_logging
+
+    (tmp_path / "noisy_module.py").write_text("import logging\nlogging.basicConfig(force=True, level=logging.INFO)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level)
+    module = import_keeping_logging("noisy_module")
+    assert module.__name__ == "noisy_module" and (list(root.handlers), root.level) == before

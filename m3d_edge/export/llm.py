@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from m3d_edge.config import SPECIAL_TOKENS
+from m3d_edge.export import import_keeping_logging
 from m3d_edge.model.lamed import LaMed
 
 DECODER_FILE = "decoder.onnx"
@@ -73,7 +74,7 @@ def export_decoder(model: LaMed, out_dir: str | Path, *, tokenizer=None, verbose
         raise LLMExportError(f"LLM class {arch} is not supported by the export; expected one of "
                              f"{', '.join(SUPPORTED_ARCHITECTURES)}")
     try:
-        from onnxruntime_genai.models import builder
+        builder = import_keeping_logging("onnxruntime_genai.models.builder")
     except ImportError as e:
         raise ImportError("exporting the LLM needs the onnxruntime-genai model builder: "
                           "pip install onnxruntime-genai (export machines only; the runtime does not use it)") from e

@@ -46,7 +46,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from m3d_edge.export import gptq, lora, nbits
+from m3d_edge.export import gptq, import_keeping_logging, lora, nbits
 
 METHODS = ("q41", "rtn", "hqq", "gptq")
 LM_HEAD_POLICIES = ("int8", "int4", "fp32")
@@ -124,7 +124,7 @@ def quantize_decoder(src: str | Path, dst: str | Path, *, method: str = "q41", b
 
 def _ort_quantize(model, method: str, block_size: int, symmetric: bool, accuracy_level: int, exclude: list[str]):
     """rtn / hqq through onnxruntime's MatMulNBitsQuantizer; returns the new ModelProto."""
-    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+    mnb = import_keeping_logging("onnxruntime.quantization.matmul_nbits_quantizer")
 
     if method == "rtn":
         algo = mnb.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
