@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from m3d_edge.data.phantom.dataset import majority_fraction
+from m3d_edge.data.phantom.dataset import soft_dice as soft_dice_of_probabilities
 from m3d_edge.data.prompts import box_iou, box_iou_official, closed_vqa_correct
 
 
@@ -41,9 +43,8 @@ def closed_vqa_accuracy(outputs: Sequence[str], letters: Sequence[str]) -> float
 
 
 def majority_baseline(answers: Sequence[str]) -> float:
-    """Accuracy of always giving the most frequent answer."""
-    values, counts = np.unique(np.asarray(answers), return_counts=True)
-    return float(counts.max() / counts.sum()) if len(values) else 0.0
+    """Accuracy of always giving the most frequent answer (the phantom data set's baselines use the same rule)."""
+    return majority_fraction(answers)
 
 
 def rec_iou(pred: Sequence[float] | None, target: Sequence[float], *, official: bool = True) -> float:
@@ -55,10 +56,8 @@ def rec_iou(pred: Sequence[float] | None, target: Sequence[float], *, official: 
 
 
 def soft_dice(logits: np.ndarray, target: np.ndarray) -> float:
-    """Official seg metric: 2*sum(sigmoid(x)*t) / (sum sigmoid(x) + sum t + 1); -inf logits give 0."""
-    p = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-    t = (target > 0).astype(np.float64)
-    return float(2 * (p * t).sum() / (p.sum() + t.sum() + 1))
+    """Official seg metric on logits: 2*sum(sigmoid(x)*t) / (sum sigmoid(x) + sum t + 1); -inf logits give 0."""
+    return soft_dice_of_probabilities(1.0 / (1.0 + np.exp(-logits.astype(np.float64))), target > 0)
 
 
 def dice(pred: np.ndarray, target: np.ndarray) -> float:
