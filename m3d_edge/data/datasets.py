@@ -196,19 +196,30 @@ class TaskDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def image(self, i: int) -> np.ndarray:
+        """The model input [1, D, H, W] float32 of item i alone (no mask, no text): what a feature cache needs."""
+        it = self.items[i]
+        if it.task == "refseg":
+            return self._refseg_input(it)[0][0]
+        return np.load(it.image).astype(np.float32, copy=False)
+
+    def _refseg_input(self, it: TaskItem):
+        from m3d_edge.imaging import read
+        from m3d_edge.preprocess import to_model_input
+
+        return to_model_input(read(it.image), "ct", out_shape=self.image_shape)  # (x [1, 1, D, H, W], Transform)
+
     def __getitem__(self, i: int) -> LaMedSample:
         it = self.items[i]
         if it.task == "refseg":
             from m3d_edge.imaging import read
-            from m3d_edge.preprocess import to_model_input
 
-            volume = read(it.image)
-            x, transform = to_model_input(volume, "ct", out_shape=self.image_shape)
+            x, transform = self._refseg_input(it)
             region = read(it.mask).array == it.mask_id
             mask = transform.mask_to_model(region)[None].astype(np.float32)
             return LaMedSample(x[0] if self.with_images else None, it.question, it.answer, mask, source=it.mask,
                                image_key=it.image)
-        image = np.load(it.image).astype(np.float32, copy=False) if self.with_images else None
+        image = self.image(i) if self.with_images else None
         mask = None
         if it.mask is not None:
             mask = np.load(it.mask).astype(np.float32)

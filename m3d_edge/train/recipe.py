@@ -274,13 +274,13 @@ class CachedFeatures:
         first = {}
         for it in items:
             first.setdefault(it.image, it)
-        loader = TaskDataset(list(first.values()))
+        loader = TaskDataset(list(first.values()))  # keyed as LaMedSample.image_key: the item's image file
         self.tokens: dict[str, torch.Tensor] = {}
         model.eval()
         with torch.no_grad():
             for i in tqdm(range(len(loader)), desc="vision features", disable=not progress):
-                sample = loader[i]
-                self.tokens[sample.image_key] = model.vision_features(torch.from_numpy(sample.image)[None])[0]
+                image = torch.from_numpy(loader.image(i))[None]
+                self.tokens[loader.items[i].image] = model.vision_features(image)[0]
 
     def wrap(self, collate):
         def collate_cached(samples):
