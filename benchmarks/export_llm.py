@@ -27,7 +27,8 @@ Writes NAME.json and NAME.md (--name, default bench-export) into --out-dir. Thre
    position's logits). The reports run as one batch, right-padded: a causal model never looks right, so padding
    changes no real position, and a check compares the batch with the runtime Decoder at batch 1. The same
    procedure for every precision, fp32 included; torch (one full-sequence forward) and llama.cpp are given as
-   references. Agreement with the fp32 decoder: teacher-forced top-1, and greedy continuation of 32 tokens from
+   references, and so is the torch backend's NF4 (bitsandbytes Linear4bit on every LLM projection but the LM
+   head, `m3d_edge.model.nf4`). Agreement with the fp32 decoder: teacher-forced top-1, and greedy continuation of 32 tokens from
    the request plus each report's first 16 tokens (share of positions equal; tokens before the first difference).
 
 What is and is not comparable: phantom-small's SmolLM2 weights are read from the Q4_1 GGUF and dequantized by
@@ -562,6 +563,17 @@ def score_torch(model, context: list[int], targets: list[list[int]], chunk: int 
     return Scored(nll, top1)
 
 
+def score_nf4(model, context: list[int], targets: list[list[int]]) -> tuple[Scored, dict[str, Any]]:
+    """score_torch on a copy of the model whose LLM projections are NF4 (m3d_edge.model.nf4)."""
+    import copy
+
+    from m3d_edge.model.nf4 import quantize_llm_nf4
+
+    quantized = copy.deepcopy(model)
+    record = quantize_llm_nf4(quantized)
+    return score_torch(quantized, context, targets), record
+
+
 def score_llama(gguf: Path, threads: int, context: list[int], targets: list[list[int]]) -> Scored:
     """Reference: llama.cpp on the GGUF, logits of every position (logits_all), one sequence at a time."""
     from llama_cpp import Llama
@@ -626,8 +638,9 @@ def quality(art: dict[str, Any], source: Source, spec, gguf: Path, n_reports: in
                     logits, _ = single.forward(single.embed([token]))
             batch_check = float(np.max(np.abs(np.asarray(nll0) - scored["fp32"].nll[0, :len(targets[0])])))
         del dec, session
-    say("quality: torch and llama.cpp references")
+    say("quality: torch and llama.cpp references, and the torch backend's NF4 (bitsandbytes)")
     torch_ref = score_torch(source.model, context, targets)
+    nf4_ref, nf4_record = score_nf4(source.model, context, targets)
     # in its own process (see ChildEngine), 1 thread: each position is one llama_decode call here (n_ubatch=1),
     # and a row's dot product runs on one thread whatever the count, so the numbers do not depend on it
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -646,6 +659,7 @@ def quality(art: dict[str, Any], source: Source, spec, gguf: Path, n_reports: in
                      "greedy_identical_rows": int(sum(p == CONTINUATION_TOKENS for p in prefix_len)),
                      "seconds": seconds[precision]})
     for name, s in (("PyTorch eager fp32 (full-sequence forward)", torch_ref),
+                    ("PyTorch NF4, bitsandbytes (torch backend, full-sequence forward)", nf4_ref),
                     ("llama.cpp Q4_1 (logits_all)", llama_ref)):
         ppl = perplexity(s)
         rows.append({"model": name, "precision": "reference", "perplexity": ppl, "ppl_vs_fp32": ppl / ppl32 - 1,
@@ -656,7 +670,7 @@ def quality(art: dict[str, Any], source: Source, spec, gguf: Path, n_reports: in
                               "mean": round(tokens / len(targets), 1)},
             "context": REPORT_REQUEST, "context_tokens": len(context), "continuation_prefix": CONTINUATION_PREFIX,
             "continuation_tokens": CONTINUATION_TOKENS, "batch_vs_runtime_decoder_max_abs_nll_diff": batch_check,
-            "example_report": reports[0], "rows": rows, "target_ppl_delta": TARGET_PPL_DELTA}
+            "example_report": reports[0], "rows": rows, "target_ppl_delta": TARGET_PPL_DELTA, "nf4": nf4_record}
 
 
 # -- output ------------------------------------------------------------------------------------------------------

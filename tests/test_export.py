@@ -667,3 +667,53 @@ def test_library_imports_leave_the_root_logger_alone(tmp_path, monkeypatch):
     before = (list(root.handlers), root.level)
     module = import_keeping_logging("noisy_module")
     assert module.__name__ == "noisy_module" and (list(root.handlers), root.level) == before
+
+
+NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)  # the NF4 data type's 16 values (QLoRA, Dettmers et al. 2023)
+
+
+def test_nf4_torch_backend_swaps_the_llm_projections(official):
+    """bitsandbytes NF4 for the PyTorch path: every LLM projection but the LM head becomes a Linear4bit whose
+    weights are NF4 of the originals (checked against the data type's definition) and whose output is exactly
+    x @ dequantized(W)^T; the rest of the LaMed (vision, LM head) is untouched; generation still runs."""
+    import copy
+
+    import bitsandbytes.functional as bnbf
+
+    from m3d_edge.model.nf4 import quantize_llm_nf4
+
+    model = copy.deepcopy(official)
+    before = {n: m.weight.detach().clone() for n, m in model.base_llm.named_modules() if isinstance(m, torch.nn.Linear)}
+    record = quantize_llm_nf4(model)
+    # down_proj reads 160 features: rows that end inside a block of 64 stay float (bitsandbytes' CPU bug)
+    partial = [name for name, w in before.items() if name != "lm_head" and w.shape[1] % 64]
+    assert record["kept_float"] == partial == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert record["linears"] == len(before) - 1 - len(partial) and record["method"] == "nf4"
+    for name in ["lm_head", *partial]:
+        assert type(model.base_llm.get_submodule(name)) is torch.nn.Linear
+        assert torch.equal(model.base_llm.get_submodule(name).weight, before[name])
+    for name, w in before.items():
+        if name == "lm_head" or name in partial:
+            continue
+        layer = model.base_llm.get_submodule(name)
+        dq = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        assert dq.shape == w.shape
+        # NF4 by its definition (QLoRA): blocks of 64 consecutive weights, scaled by their absmax, each rounded to
+        # the nearest of the 16 NF4 levels
+        blocks = w.double().reshape(-1, 64)
+        absmax = blocks.abs().amax(1, keepdim=True)
+        levels = torch.tensor(NF4_LEVELS, dtype=torch.float64)
+        nearest = levels[(blocks / absmax)[..., None].sub(levels).abs().argmin(-1)]
+        torch.testing.assert_close(dq.double(), (nearest * absmax).reshape(w.shape), rtol=1e-6, atol=1e-7)
+        x = torch.randn(3, w.shape[1])
+        torch.testing.assert_close(layer(x), x @ dq.T, rtol=1e-5, atol=1e-5)
+    for (n, a), (_, b) in zip(official.vision_tower.state_dict().items(), model.vision_tower.state_dict().items()):
+        assert torch.equal(a, b), n
+    ids = torch.tensor([[1, 40, 41, 42]])
+    with torch.no_grad():
+        assert len(model.generate(None, ids, max_new_tokens=4).ids[0]) == 4
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        quantize_llm_nf4(model)
