@@ -223,3 +223,56 @@ def test_text_pooling_mean_is_the_masked_mean(tmp_path):
     with pytest.raises(ValueError, match="text_pooling"):
         ClipConfig(vision=preset("tiny").vision, text_hf_config=bert, text_pooling="max")
 
+
+
+TWO_PROCESS_STEP = '''
+import hashlib, json, os, sys
+sys.path.insert(0, sys.argv[2])
+import torch
+from test_train import samples, tiny_tokenizer
+from m3d_edge.config import preset
+from m3d_edge.data.datasets import LaMedCollator, SampleList
+from m3d_edge.model import checkpoint
+from m3d_edge.train import stages
+from m3d_edge.train.loop import TrainConfig, run
+
+torch.manual_seed(0)
+model = checkpoint.build(preset("tiny"))
+collate = LaMedCollator(tiny_tokenizer(), 256, (32, 256, 256), 300)
+res = run(model, stages.align_params(model), SampleList(samples(4)), collate, stages.lamed_loss,
+          TrainConfig(out=sys.argv[1], max_steps=2, batch_size=1, lr=1e-3, warmup_ratio=0.0, save_every=2,
+                      progress=False, seed=3))
+from accelerate import PartialState
+state = PartialState()
+digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.mm_projector.parameters()))
+with open(os.path.join(sys.argv[1], f"rank{state.process_index}.json"), "w") as f:
+    json.dump({"world": state.num_processes, "type": str(state.distributed_type), "losses": res.losses,
+               "projector": digest.hexdigest()}, f)
+'''
+
+
+def test_two_cpu_processes_train_one_job(tmp_path):
+    """The same loop under torchrun with 2 CPU processes: accelerate makes it one gloo job (MULTI_CPU); each rank
+    sees its own samples, the gradients are averaged, so both ranks end with the same projector weights; the
+    checkpoint holds both ranks' RNG states."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "step.py"
+    script.write_text(TWO_PROCESS_STEP)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), str(script), str(out), str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
+    assert all(r["world"] == 2 and r["type"] == "DistributedType.MULTI_CPU" for r in ranks)
+    assert ranks[0]["projector"] == ranks[1]["projector"]
+    assert ranks[0]["losses"] != ranks[1]["losses"]  # different samples on each rank
+    step = out / "checkpoints" / "step-000002"
+    assert {p.name for p in step.iterdir()} >= {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"}

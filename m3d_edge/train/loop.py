@@ -112,7 +112,10 @@ def run(model: nn.Module, params: Iterable[nn.Parameter] | Iterable[dict], datas
         precision = cfg.mixed_precision
         if precision == "auto":
             precision = "bf16" if torch.cuda.is_available() else "no"
-        accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision)
+        # cpu=True without CUDA: accelerate only treats several CPU processes (torchrun) as one gloo job when
+        # told it runs on CPU; alone it changes nothing
+        accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision,
+                                  cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)
     groups = [dict(g) if isinstance(g, dict) else {"params": [g]} for g in params]
     for g in groups:
