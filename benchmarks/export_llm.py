@@ -67,7 +67,10 @@ from typing import Any, Optional, Protocol
 
 import numpy as np
 
+from m3d_edge.bench.timing import OtherCpu
+
 DEFAULT_PRESET = "phantom-small"
+BUSY_CORES = 0.25  # other processes' average CPU above which a run is marked as shared
 PRECISIONS = ("fp32", "fp16", "int4-q41", "int4-rtn", "int4-hqq", "int4-gptq")
 # a diagnostic beside the four bundle precisions: RTN with the LM head (the tied embedding) left fp32
 RTN_FP32_HEAD = "int4-rtn-fp32-head"
@@ -685,8 +688,9 @@ def markdown(result: dict[str, Any]) -> str:
              f"`{result['command']}`, {result['date']}. Script: `benchmarks/export_llm.py` (its docstring gives the "
              f"method); raw numbers: `{result.get('name', 'bench-export')}.json`.", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {result['threads']} threads per engine; "
-             f"no GPU. Load average (1, 5, 15 min) before: {m['load_before']}, after: {m['load_after']}"
-             f"{' (shared with another job: timings are noisy)' if m['load_before'][0] > 0.5 * (m['cores'] or 1) else ''}.",
+             f"no GPU. CPU used by other processes during the run: {m['other_cpu_cores']} cores"
+             f"{' (shared with another job: timings are noisy)' if m['other_cpu_cores'] > BUSY_CORES else ''}; "
+             f"load average (1, 5, 15 min) before: {m['load_before']}, after: {m['load_after']}.",
              "Libraries: " + ", ".join(f"{k} {v}" for k, v in result["libraries"].items() if v) + ".", "",
              f"Model: {result['model']['source']}; LLM {result['model']['llm']}.", "",
              "## Bundle size (MB = 10^6 bytes; vision fp32)", ""]
@@ -795,13 +799,12 @@ def notes(result: dict[str, Any]) -> list[str]:
                      "a descheduled sibling costs more than the extra thread gains, so the multi-thread rows "
                      "measure that contention as much as the engines.")
         out.append(text)
-    load = result["machine"]["load_before"][0]
-    if load > 0.5 * (result["machine"]["cores"] or 1):
-        out.append(f"The machine was shared while this ran (1-min load {load} on {result['machine']['cores']} "
-                   f"cores before, {result['machine']['load_after'][0]} after): absolute tokens/s depend on what "
-                   f"the other job was doing. The load average lags (a 1-minute moving average); the min-max spread "
-                   f"over the rounds is the better sign of noise within this run, and the round-robin order keeps "
-                   f"the ratios fairer than the absolute numbers.")
+    other = result["machine"]["other_cpu_cores"]
+    if other > BUSY_CORES:
+        out.append(f"The machine was shared while this ran: other processes used {other} cores on average "
+                   f"(of {result['machine']['cores']}): absolute tokens/s depend on what the other job was doing; "
+                   f"the min-max spread over the rounds is the better sign of noise within this run, and the "
+                   f"round-robin order keeps the ratios fairer than the absolute numbers.")
     return out
 
 
@@ -871,6 +874,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     load_before = load_average()
+    other_cpu = OtherCpu()  # CPU of processes not ours, over the whole run (the load average counts our own)
     started = time.perf_counter()
     tmp = None
     workdir = args.workdir
@@ -911,7 +915,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         result = {"benchmark": "benchmarks/export_llm.py", "name": args.name,
                   "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                   "command": command, "threads": args.threads,
-                  "machine": {**machine(), "load_before": load_before, "load_after": load_average()},
+                  "machine": {**machine(), "load_before": load_before, "load_after": load_average(),
+                              "other_cpu_cores": other_cpu.cores()},
                   "libraries": library_versions(),
                   "model": {"source": source.description,
                             "llm": f"{type(source.model.base_llm).__name__}, {spec.num_layers} layers, hidden "

@@ -45,7 +45,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from m3d_edge.bench.timing import OtherCpu
+
 ROOT = Path(__file__).resolve().parents[1]
+BUSY_CORES = 0.25  # other processes' average CPU above which a run is marked as shared
 TRAINED = ROOT / "models" / "phantom-small"
 QUESTIONS = (
     "Please generate a medical report based on this image.",
@@ -410,8 +413,9 @@ def markdown(res: dict[str, Any]) -> str:
     m, lines = res["machine"], []
     lines.append(f"# Runtime benchmark ({res['date']})\n")
     busy = " — **shared/busy machine: numbers are pessimistic and noisy**" if res["busy"] else ""
-    lines.append(f"Machine: {m['cpu']}, {m['cores_usable']} usable cores; load average before {res['load_before']}, "
-                 f"after {res['load_after']}{busy}.")
+    lines.append(f"Machine: {m['cpu']}, {m['cores_usable']} usable cores; CPU used by other processes during the "
+                 f"run {res['other_cpu_cores']} cores{busy}; load average before {res['load_before']}, after "
+                 f"{res['load_after']}.")
     lines.append(f"Model: {res['model_source']} (phantom-small: 4-layer 192-wide ViT, 32 image tokens, SmolLM2-135M). "
                  f"Scan: phantom case 0 (NIfTI). Four questions (report, VQA, box, segmentation), greedy, exactly "
                  f"{res['new_tokens']} new tokens (EOS masked), [SEG] forced at step {SEG_STEP} of the segmentation "
@@ -490,6 +494,7 @@ def main() -> None:
     args.work = args.work or tempfile.mkdtemp(prefix="m3d-bench-")
     Path(args.work).mkdir(parents=True, exist_ok=True)
     load_before = [round(v, 2) for v in os.getloadavg()]
+    other_cpu = OtherCpu()
     bundles, scan, source = prepare(Path(args.work), args.llm)
     res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
                            "model_source": source, "llm": args.llm, "bundles": {k: str(v) for k, v in bundles.items()},
@@ -502,7 +507,8 @@ def main() -> None:
                              ("soak", "soak", args.llm)):
         res[name] = run_child(child, args, bundles[llm or args.llm], scan, tag=name)
     res["load_before"], res["load_after"] = load_before, [round(v, 2) for v in os.getloadavg()]
-    res["busy"] = max(load_before[0], res["load_after"][0]) > 0.5 * res["machine"]["cores_usable"]
+    res["other_cpu_cores"] = other_cpu.cores()  # the load average would count our own children too
+    res["busy"] = res["other_cpu_cores"] > BUSY_CORES
     res["agreement"] = {name: {
         "tokens": [agreement(a, b) for a, b in zip(res[name]["token_ids"], res["reference"]["token_ids"])],
         "mask_dice": dice_files(res[name]["masks"][SEG_QUESTION], res["reference"]["masks"][SEG_QUESTION])}
