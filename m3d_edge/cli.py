@@ -9,6 +9,7 @@ import sys
 import click
 
 from m3d_edge import __version__
+from m3d_edge.export import DEFAULT_LLM, LLM_PRECISIONS  # torch-free (export/__init__.py)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,25 +86,31 @@ DEFAULT_QUESTIONS = (
 )
 
 
-def _default_bundle() -> str:
-    """The bundle used when --bundle is not given: built once into the user cache folder from models/phantom-small
-    (our trained checkpoint) when it exists, else from preset:phantom-small (random vision weights, a warning)."""
+def _default_bundle_location() -> tuple[str, "Path"]:
+    """(source, folder) of the default bundle: from models/phantom-small (our trained checkpoint) when it exists,
+    else from preset:phantom-small (random vision weights, a warning), cached in the user cache folder under a
+    name that changes with the checkpoint's files and the default precision. Torch-free."""
     import hashlib
     import os
     from pathlib import Path
 
-    from m3d_edge import __version__ as version
-    from m3d_edge.export.bundle import DEFAULT_LLM, checkpoint_digest  # int4-q41; a LoRA stays a float branch
+    from m3d_edge.export import checkpoint_digest
 
     trained = Path(__file__).resolve().parents[1] / "models" / "phantom-small"
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "m3d-edge" / "bundles"
     if trained.is_dir():
         source, tag = str(trained), checkpoint_digest(trained)
     else:
-        source, tag = "preset:phantom-small", f"preset:phantom-small|{version}"
+        source, tag = "preset:phantom-small", f"preset:phantom-small|{__version__}"
         click.echo("warning: models/phantom-small does not exist; using preset:phantom-small, whose vision and "
                    "segmentation weights are random (untrained): answers will not describe the scan", err=True)
-    target = cache / hashlib.sha256(f"{tag}|{DEFAULT_LLM}".encode()).hexdigest()[:16]
+    return source, cache / hashlib.sha256(f"{tag}|{DEFAULT_LLM}".encode()).hexdigest()[:16]
+
+
+def _default_bundle() -> str:
+    """The bundle used when --bundle is not given, built once (the export, and with it torch, is imported only
+    then)."""
+    source, target = _default_bundle_location()
     if not (target / "manifest.json").is_file():
         from m3d_edge.export import bundle
 
@@ -317,8 +324,7 @@ def train_recipe(name: str, out: str, data: str | None, n_cases: int, seed: int,
 @main.command()
 @click.argument("checkpoint")
 @click.option("--out", "out", required=True, type=click.Path(path_type=str), help="New folder for the bundle.")
-@click.option("--llm", "llm", default="int4-q41", show_default=True,
-              type=click.Choice(["int4-q41", "int4-rtn", "int4-hqq", "int4-gptq", "fp32", "fp16"]),
+@click.option("--llm", "llm", default=DEFAULT_LLM, show_default=True, type=click.Choice(list(LLM_PRECISIONS)),
               help="LLM weight precision (int4-q41: Q4_1 blocks, int8 LM head, exact on SmolLM2; int4-gptq: "
                    "calibrated on phantom scans + prompts; a merged LoRA stays a float branch beside the 4-bit "
                    "base: docs/export.md).")

@@ -121,6 +121,24 @@ def test_runtime_answers_with_torch_unimportable(bundle_dir):
     ))
 
 
+def test_cli_finds_a_cached_default_bundle_without_torch(tmp_path):
+    """`m3d-edge run` without --bundle: once the default bundle is cached, finding it needs neither torch nor the
+    model code (the edge box's main command starts fast)."""
+    run_without_modules(("torch", "transformers"), (
+        "import os\n"
+        f"os.environ['XDG_CACHE_HOME'] = {str(tmp_path)!r}\n"
+        "from m3d_edge import cli\n"
+        "source, cached = cli._default_bundle_location()\n"
+        "assert source.endswith('models/phantom-small') and str(cached).startswith(os.environ['XDG_CACHE_HOME'])\n"
+        "cached.mkdir(parents=True)\n"
+        "(cached / 'manifest.json').write_text('{}')\n"
+        "assert cli._default_bundle() == str(cached)\n"
+        "heavy = ('torch', 'transformers', 'm3d_edge.model', 'm3d_edge.export.bundle', 'm3d_edge.train')\n"
+        "loaded = [m for m, mod in sys.modules.items() if mod is not None and m.startswith(heavy)]\n"
+        "assert not loaded, loaded\n"
+    ))
+
+
 # -- (b) equivalence with the torch model ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("placement", ["positional", "by_id"])

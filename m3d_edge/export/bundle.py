@@ -15,7 +15,6 @@ Field by field: docs/export.md.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import platform
@@ -28,7 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from m3d_edge import __version__, calibration
-from m3d_edge.export import reporter
+from m3d_edge.export import DEFAULT_LLM, LLM_PRECISIONS, checkpoint_digest, reporter
 from m3d_edge.config import BX_END, BX_START, IM_PATCH, SEG, preset
 from m3d_edge.export import llm as llm_export
 from m3d_edge.export import lora as lora_export
@@ -39,11 +38,6 @@ from m3d_edge.model import llm as llm_model
 from m3d_edge.model.lamed import LaMed
 from m3d_edge.runtime import bundle as bundle_reader
 
-LLM_PRECISIONS = ("int4-q41", "int4-rtn", "int4-hqq", "int4-gptq", "fp32", "fp16")
-DEFAULT_LLM = "int4-q41"
-# int4-q41 stores SmolLM2's Q4_1 weights exactly (perplexity +1.2% from int8 activations, 21% of fp32's bytes:
-# docs/export.md), and a merged LoRA is kept beside it as a float branch (export.lora), so the trained model's
-# answers survive. int4-rtn decodes faster but re-rounds the base (+44% perplexity).
 VISION_PRECISIONS = onnx_export.PRECISIONS
 PRESET_PREFIX = "preset:"
 # M3D-Bench settings (spec §8): greedy, 256 new tokens.
@@ -142,14 +136,6 @@ def _load_source(spec: str | Path | LaMed, tokenizer: Any, say: Callable[[str], 
             tokenizer = None
     return _Source(model, tokenizer, {"kind": "checkpoint", "path": str(folder.resolve()),
                                       "sha256": checkpoint_digest(folder)})
-
-
-def checkpoint_digest(folder: str | Path) -> str:
-    """One sha256 over a checkpoint folder: each file's name and sha256, sorted (sub-folders excluded)."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
-        h.update(f"{path.name}\0{bundle_reader.sha256_file(path)}\n".encode())
-    return h.hexdigest()
 
 
 # -- decoder -----------------------------------------------------------------------------------------------------
