@@ -362,3 +362,15 @@ def test_cli_run_writes_answers_masks_and_overlays(bundle_dir, case_volume, tmp_
     assert (tmp_path / "out2" / "answer-1-seg.dcm").is_file() and "dicom_seg:" in r.output
     r = runner.invoke(cli, ["run", str(tmp_path / "case.nii.gz"), "--bundle", str(bundle_dir), "--stream", "--json"])
     assert r.exit_code == 2 and "choose one" in r.output
+
+
+def test_default_kv_capacity_fits_image_question_and_answer():
+    from m3d_edge.runtime.pipeline import Pipeline
+
+    def manifest(image_tokens, context, new_tokens=256):
+        return {"image": {"num_tokens": image_tokens}, "decoder": {"context_length": context},
+                "generation": {"max_new_tokens": new_tokens}}
+
+    assert Pipeline.default_capacity(manifest(32, 8192)) == 32 + 256 + 256  # phantom-small (SmolLM2)
+    assert Pipeline.default_capacity(manifest(256, 4096)) == 768  # official Phi-3 LaMed
+    assert Pipeline.default_capacity(manifest(256, 512)) == 512  # the model's context bounds it
