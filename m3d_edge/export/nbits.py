@@ -134,9 +134,7 @@ class Shared:
 def rewrite_matmul(graph, node, w: np.ndarray, scheme: str, *, block: int, accuracy_level: int, shared: Shared,
                    blocks: Optional[Blocks] = None) -> list:
     """The nodes that replace MatMul `node` (weight `w` [K, N]) under `scheme`, in order; their initializers are
-    appended to `graph`. `blocks`: already quantized (e.g. by export.gptq); `scheme` is then only a label. `side`: a float low-rank
-    term x @ A @ B (A [K, R], B [R, N]; a LoRA adapter kept apart) added to the output; with an offset term
-    both share two MatMuls: x @ [A | S] @ [B ; offsets], S the block-sum matrix."""
+    appended to `graph`. `blocks`: already quantized (e.g. by export.gptq); `scheme` is then only a label."""
     from onnx import helper, numpy_helper
 
     k, n = w.shape

@@ -100,7 +100,7 @@ def quantize_decoder(src: str | Path, dst: str | Path, *, method: str = "q41", b
         offsets = _rewrite(model, plan, block_size, accuracy_level, given)
         library = "m3d_edge.export.gptq + m3d_edge.export.nbits"
     else:
-        symmetric = symmetric if method == "rtn" else False  # HQQ and GPTQ fit a zero point
+        symmetric = symmetric if method == "rtn" else False  # HQQ fits a zero point by construction
         model = _ort_quantize(model, method, block_size, symmetric, accuracy_level,
                               exclude=branch + ([] if lm_head == "int4" else [LM_HEAD_NODE]))
         offsets = 0
@@ -153,11 +153,15 @@ def _gptq_blocks(model, names: list[str], block_size: int, feeds: Sequence[Mappi
     if not feeds:
         raise ValueError("gptq needs at least one calibration feed")
     inits = {i.name: i for i in model.graph.initializer}
-    nodes = [n for n in model.graph.node if n.name in names and n.input[1] in inits
-             and len(inits[n.input[1]].dims) == 2 and inits[n.input[1]].dims[0] % block_size == 0]
+    nodes = [n for n in model.graph.node if n.name in names and _packable(inits.get(n.input[1]), block_size)]
     h = gptq.hessians(model, sorted({n.input[0] for n in nodes}), feeds)
     return {n.name: gptq.quantize_weight(numpy_helper.to_array(inits[n.input[1]]), h[n.input[0]], block=block_size)
             for n in nodes}
+
+
+def _packable(init, block_size: int) -> bool:
+    """A MatMul weight MatMulNBits can take: a 2-D initializer whose K is a multiple of the block."""
+    return init is not None and len(init.dims) == 2 and init.dims[0] % block_size == 0
 
 
 def _rewrite(model, plan: dict[str, str], block_size: int, accuracy_level: int,
@@ -178,7 +182,7 @@ def _rewrite(model, plan: dict[str, str], block_size: int, accuracy_level: int,
     for n in graph.node:
         weight = n.input[1] if n.op_type == "MatMul" and n.name in plan else None
         init = inits.get(weight) if weight else None
-        if init is None or len(init.dims) != 2 or init.dims[0] % block_size or uses[weight] != 1:
+        if not _packable(init, block_size) or uses[weight] != 1:
             nodes.append(n)
             continue
         new = nbits.rewrite_matmul(graph, n, numpy_helper.to_array(init), plan[n.name], block=block_size,
