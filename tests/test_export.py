@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -108,6 +109,10 @@ def test_vision_and_seg_graphs_match_torch(which, official, tmp_path):
         tokens = model.mm_projector(patch)
         embedding = model.seg_embedding(images, patch)
         masks = model.segment(images, seg_hidden, patch)
+    # attention is traced in query chunks (2049 queries with the CLS token -> 9 Softmax nodes per layer)
+    chunks = -(-(model.cfg.vision.num_patches + 1) // onnx_export.ATTENTION_QUERY_CHUNK)
+    softmax = sum(n.op_type == "Softmax" for n in onnx.load(str(paths["vision"])).graph.node)
+    assert softmax == model.cfg.vision.num_layers * chunks
     out = session(paths["vision"]).run(None, {"images": images.numpy()})
     assert rel_err(out[0], tokens) <= 1e-4, f"vision.onnx image_tokens rel err {rel_err(out[0], tokens):.2e}"
     if shared:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from m3d_edge.model import checkpoint
+from m3d_edge.model.vit3d import SelfAttention
 
 F32 = dict(rtol=1e-4, atol=1e-5)
 
@@ -39,6 +40,26 @@ def test_vision_and_prompt_embeddings(model, reference, image):
     close(patch, reference["vision_tower_features"], "vision tower")
     close(tokens, reference["vision_features"], "projected image tokens")
     close(embeds, reference["inputs_embeds"], "inputs_embeds")
+
+
+@pytest.mark.parametrize("chunk", [300, 2048])  # uneven last chunk; one chunk of 2048 queries and one of 1 (CLS)
+def test_chunked_attention_keeps_the_official_vision_features(model, reference, image, chunk):
+    """The exported graphs compute attention in query chunks (export.onnx): same features as the official code."""
+    layers = [m for m in model.modules() if isinstance(m, SelfAttention)]
+    assert len(layers) == model.cfg.vision.num_layers + model.cfg.seg.encoder_layers  # LLM tower + seg encoder
+    try:
+        for m in layers:
+            m.query_chunk = chunk
+        with torch.no_grad():
+            patch = model.vision_features(image)
+            embedding = model.seg_embedding(image, patch)
+    finally:
+        for m in layers:
+            m.query_chunk = None
+    close(patch, reference["vision_tower_features"], "vision tower, chunked attention")
+    with torch.no_grad():
+        unchunked = model.seg_embedding(image, model.vision_features(image))
+    torch.testing.assert_close(embedding, unchunked, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("ids_key,logits_key", [("input_ids", "logits"), ("input_ids_nobos", "logits_nobos")])

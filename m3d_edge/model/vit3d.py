@@ -16,6 +16,7 @@ Input [B, Cin, D, H, W]; tokens are ordered depth-major, then H, then W; inside 
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -48,17 +49,26 @@ class PatchEmbedding(nn.Module):
 
 
 class SelfAttention(nn.Module):
+    """Multi-head self-attention. `query_chunk` (None: off) computes it for that many queries at a time: the
+    same numbers (softmax is per query), while the scores held at once shrink from [B, heads, N, N] to
+    [B, heads, chunk, N]. Torch's fused kernel needs no help; a traced ONNX graph does (export.onnx sets it)."""
+
     def __init__(self, hidden: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
         self.out_proj = nn.Linear(hidden, hidden)
+        self.query_chunk: Optional[int] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         # the qkv output splits as (qkv=3, heads, head_dim), i.e. MONAI's "b h (qkv l d)"
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, head_dim], scale head_dim^-0.5
+        if self.query_chunk and self.query_chunk < n:
+            y = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + self.query_chunk], k, v)
+                           for i in range(0, n, self.query_chunk)], dim=2)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, head_dim], scale head_dim^-0.5
         return self.out_proj(y.transpose(1, 2).reshape(b, n, c))
 
 
