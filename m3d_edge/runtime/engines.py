@@ -7,6 +7,7 @@ Native TensorRT engines (`export.tensorrt`) are not handled here yet.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -41,11 +42,31 @@ def providers_for(device: str, *, tensorrt: bool = False) -> list[str]:
     return wanted + ["CPUExecutionProvider"]
 
 
+_shared_arena_lock = threading.Lock()
+_shared_arena_registered = False
+
+
+def _share_cpu_arena() -> None:
+    """Register one CPU memory arena for the whole process (once); sessions opt in with
+    `session.use_env_allocators`. Each session otherwise keeps its own arena at its own peak: the vision graph's
+    buffers and the mask decoder's then both stay held, while with one arena the mask decoder reuses what the
+    vision run freed. Measured on the phantom-small int4 bundle (scan -> four answers, three times): peak RSS
+    525 -> 475 MB, with no growth over repeated runs."""
+    global _shared_arena_registered
+    with _shared_arena_lock:
+        if not _shared_arena_registered:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))  # ORT's default arena settings
+            _shared_arena_registered = True
+
+
 def session_options(threads: Optional[int] = None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
+    _share_cpu_arena()
+    opts.add_session_config_entry("session.use_env_allocators", "1")
     # Logging at "warning" lets the few ORT messages that matter through (e.g. a node falling back to CPU).
     opts.log_severity_level = 2
     return opts
