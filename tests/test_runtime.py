@@ -26,7 +26,7 @@ from m3d_edge.export import bundle as bundle_export
 from m3d_edge.imaging import Volume, read, write_nifti, write_series
 from m3d_edge.model import checkpoint
 from m3d_edge.preprocess import to_model_input
-from m3d_edge.runtime.bundle import BundleError
+from m3d_edge.runtime.bundle import BundleError, NpyRows
 from m3d_edge.bench.metrics import dice
 from m3d_edge.runtime.pipeline import Pipeline, RuntimeInputError, sigmoid_mask
 
@@ -374,3 +374,23 @@ def test_default_kv_capacity_fits_image_question_and_answer():
     assert Pipeline.default_capacity(manifest(32, 8192)) == 32 + 256 + 256  # phantom-small (SmolLM2)
     assert Pipeline.default_capacity(manifest(256, 4096)) == 768  # official Phi-3 LaMed
     assert Pipeline.default_capacity(manifest(256, 512)) == 512  # the model's context bounds it
+
+
+def test_npy_rows_read_the_embedding_table_exactly(tmp_path):
+    """The runtime's embedding lookup (pread per row, nothing memory-mapped) against np.load."""
+    table = np.random.default_rng(0).standard_normal((97, 12)).astype(np.float16)
+    np.save(tmp_path / "emb.npy", table)
+    rows = NpyRows(tmp_path / "emb.npy")
+    assert rows.shape == (97, 12) and rows.dtype == np.float16
+    ids = [96, 0, 5, 5, 31]
+    np.testing.assert_array_equal(rows[ids], table[ids])
+    np.testing.assert_array_equal(np.asarray(rows), table)
+    assert rows[[]].shape == (0, 12)
+    with pytest.raises(IndexError, match=r"\[0, 97\)"):
+        rows[[97]]
+    np.save(tmp_path / "cube.npy", np.zeros((2, 3, 4), np.float32))
+    with pytest.raises(BundleError, match="cube.npy: expected a C-order 2-D"):
+        NpyRows(tmp_path / "cube.npy")
+    (tmp_path / "text.npy").write_text("not an array")
+    with pytest.raises(BundleError, match="text.npy: not a .npy array"):
+        NpyRows(tmp_path / "text.npy")

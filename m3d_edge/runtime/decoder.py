@@ -25,6 +25,7 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from m3d_edge.runtime.bundle import NpyRows
 from m3d_edge.runtime.engines import create_session
 
 # (ids generated so far [t] int64, logits [V] float32) -> logits [V]; e.g. to force tokens in tests
@@ -178,11 +179,12 @@ class KVCache:
 class Decoder:
     """decoder.onnx + the embedding table + one KV cache.
 
-    embeddings: [V, H] (float16 or float32; rows are cast to the graph's input type when looked up).
+    embeddings: [V, H] array or `NpyRows` (float16 or float32; rows are cast to the graph's input type when looked
+    up).
     max_length: cache capacity in positions (prompt + generated); default min(context length, 1024).
     """
 
-    def __init__(self, session: ort.InferenceSession, spec: DecoderSpec, embeddings: np.ndarray, *,
+    def __init__(self, session: ort.InferenceSession, spec: DecoderSpec, embeddings: np.ndarray | NpyRows, *,
                  max_length: Optional[int] = None, device: str = "cpu") -> None:
         if embeddings.shape != (spec.vocab_size, spec.hidden_size):
             raise ValueError(f"embedding table {embeddings.shape} does not match the decoder "
@@ -212,7 +214,7 @@ class Decoder:
     def from_files(cls, decoder_onnx: str | Path, embeddings_npy: str | Path, spec: DecoderSpec, *,
                    max_length: Optional[int] = None, device: str = "cpu", threads: Optional[int] = None) -> "Decoder":
         session = create_session(decoder_onnx, device=device, threads=threads)
-        return cls(session, spec, np.load(embeddings_npy, mmap_mode="r"), max_length=max_length, device=device)
+        return cls(session, spec, NpyRows(embeddings_npy), max_length=max_length, device=device)
 
     def embed(self, ids: Sequence[int]) -> np.ndarray:
         """ids [n] -> [1, n, H] in the graph's input dtype."""

@@ -221,7 +221,7 @@ class Pipeline:
         self._seg_decoder = engines.get(bundle.path("seg_decoder")) if self.seg and bundle.has("seg_decoder") else None
         self._decoder_session = engines.get(bundle.path("decoder"))
         self._decoder_spec = DecoderSpec.from_manifest(m["decoder"])
-        self._embeddings = bundle.embeddings()  # [V, H] float16, memory-mapped
+        self._embeddings = bundle.embeddings()  # [V, H] float16, rows read when looked up
         self._max_length = max_length or self.default_capacity(m)
         self._vision_outputs = [o.name for o in self._vision.get_outputs()]
         self._check_graphs()
