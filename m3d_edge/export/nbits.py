@@ -25,7 +25,11 @@ q41   4-bit, asymmetric, llama.cpp's Q4_1 fitted into MatMulNBits: per block, s 
       MatMul + Add per weight, fp32 (any input rank). Measured on SmolLM2 decode (ORT profile, 2 cores): the
       small float MatMuls cost ~13 us each whatever their size, the bulk of q41's gap to rtn; folding a kept
       LoRA branch into the same MatMuls (x @ [A | S] @ [s B ; offsets]) saved nodes but no time, so it was
-      not kept.
+      not kept. Two other ways out, measured on phantom-small (2 cores) and not kept either: float zero points
+      z - offset / s (MatMulNBits' T-typed zero_points) hold the block exactly but ORT has no fast CPU path for
+      them (94 ms per token against 11); widening K instead (block sums and x @ A^T appended to the input,
+      offsets and s B as extra 4-bit rows of the same MatMulNBits) decoded 9% faster but rounds the offsets to
+      4 bits: perplexity +1.2% of fp32 against q41's +0.55% (+0.8% and no faster with a second residual row).
 sym8  8-bit, symmetric: s = max|w| / 127, codes round(w / s) + 128, no zero-point input. llama.cpp's Q8_0
       (block 32, the same rule) comes back exactly: SmolLM2's tied embedding / LM head is Q8_0 in the GGUF.
 
