@@ -376,8 +376,13 @@ def test_default_kv_capacity_fits_image_question_and_answer():
     assert Pipeline.default_capacity(manifest(256, 512)) == 512  # the model's context bounds it
 
 
-def test_npy_rows_read_the_embedding_table_exactly(tmp_path):
-    """The runtime's embedding lookup (pread per row, nothing memory-mapped) against np.load."""
+@pytest.mark.parametrize("pread", [True, False], ids=["pread", "seek"])  # seek + read where os.preadv is missing
+def test_npy_rows_read_the_embedding_table_exactly(tmp_path, monkeypatch, pread):
+    """The runtime's embedding lookup (a positional read per row, nothing memory-mapped) against np.load."""
+    import os
+
+    if not pread:
+        monkeypatch.delattr(os, "preadv")
     table = np.random.default_rng(0).standard_normal((97, 12)).astype(np.float16)
     np.save(tmp_path / "emb.npy", table)
     rows = NpyRows(tmp_path / "emb.npy")

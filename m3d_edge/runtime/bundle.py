@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -98,7 +99,7 @@ class Bundle:
 
 
 class NpyRows:
-    """Rows of a 2-D .npy file, read on demand with pread: `rows[ids]` -> [len(ids), H] array; `.shape`, `.dtype`.
+    """Rows of a 2-D .npy file, read on demand (pread): `rows[ids]` -> [len(ids), H] array; `.shape`, `.dtype`.
 
     Why not np.load(mmap_mode="r"): the kernel maps up to 64 KB of already-cached file around every faulting
     page ("fault-around"; MADV_RANDOM does not stop it on this 6.18 kernel), and the bundle's sha256 check has
@@ -121,7 +122,8 @@ class NpyRows:
                               f"{'Fortran order ' if fortran_order else ''}{dtype}; export the bundle again")
         self.shape, self.dtype = tuple(shape), dtype
         self._row_bytes = shape[1] * dtype.itemsize
-        self._file = open(self.path, "rb", buffering=0)  # pread takes explicit offsets: safe across threads
+        self._file = open(self.path, "rb", buffering=0)
+        self._seek_lock = threading.Lock()  # only where os.preadv is missing (Windows): seek + read must pair up
 
     def __getitem__(self, ids) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -131,11 +133,18 @@ class NpyRows:
         if not out.size:
             return out
         view = memoryview(out.reshape(-1)).cast("B")
-        fd, n = self._file.fileno(), self._row_bytes
+        n = self._row_bytes
         for i, row in enumerate(ids.tolist()):
-            if os.preadv(fd, [view[i * n:(i + 1) * n]], self._offset + row * n) != n:
+            if self._read_into(view[i * n:(i + 1) * n], self._offset + row * n) != n:
                 raise BundleError(f"{self.path}: row {row} could not be read in full (truncated file?)")
         return out
+
+    def _read_into(self, buffer: memoryview, offset: int) -> int:
+        if hasattr(os, "preadv"):  # positional: threads need no lock
+            return os.preadv(self._file.fileno(), [buffer], offset)
+        with self._seek_lock:
+            self._file.seek(offset)
+            return self._file.readinto(buffer)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         """The whole table (for tests and tools; the runtime looks rows up)."""
