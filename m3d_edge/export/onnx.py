@@ -19,7 +19,8 @@ Attention over the 2048 patch tokens is traced in chunks of ATTENTION_QUERY_CHUN
 `query_chunk`, set only while tracing). The graph computes the same numbers, but ONNX Runtime no longer holds
 [B, heads, 2049, 2049] scores at once: on phantom-small (4 heads) the vision run's peak memory fell from 86 to
 26 MB and its time from 106 to 96 ms (2 threads, this CPU); the official 12-head tower would hold 200 MB per
-score tensor. TensorRT fuses either form.
+score tensor. TensorRT builds from the same files; whether its attention fusion still applies to the chunked
+form is not measured (no GPU here).
 
 fp16 variants keep float32 inputs and outputs (`keep_io_types`): the runtime feeds the same arrays either way and
 the casts at the edges cost nothing next to the encoders.
