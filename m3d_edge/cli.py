@@ -9,7 +9,7 @@ import sys
 import click
 
 from m3d_edge import __version__
-from m3d_edge.export import DEFAULT_LLM, LLM_PRECISIONS  # torch-free (export/__init__.py)
+from m3d_edge.export import DEFAULT_LLM, EXPORT_REVISION, LLM_PRECISIONS  # torch-free (export/__init__.py)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -89,7 +89,7 @@ DEFAULT_QUESTIONS = (
 def _default_bundle_location() -> tuple[str, "Path"]:
     """(source, folder) of the default bundle: from models/phantom-small (our trained checkpoint) when it exists,
     else from preset:phantom-small (random vision weights, a warning), cached in the user cache folder under a
-    name that changes with the checkpoint's files and the default precision. Torch-free."""
+    name that changes with the checkpoint's files, the default precision and the export's revision. Torch-free."""
     import hashlib
     import os
     from pathlib import Path
@@ -104,7 +104,8 @@ def _default_bundle_location() -> tuple[str, "Path"]:
         source, tag = "preset:phantom-small", f"preset:phantom-small|{__version__}"
         click.echo("warning: models/phantom-small does not exist; using preset:phantom-small, whose vision and "
                    "segmentation weights are random (untrained): answers will not describe the scan", err=True)
-    return source, cache / hashlib.sha256(f"{tag}|{DEFAULT_LLM}".encode()).hexdigest()[:16]
+    key = f"{tag}|{DEFAULT_LLM}|export-{EXPORT_REVISION}"
+    return source, cache / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def _default_bundle() -> str:

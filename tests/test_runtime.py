@@ -121,6 +121,17 @@ def test_runtime_answers_with_torch_unimportable(bundle_dir):
     ))
 
 
+def test_default_bundle_is_rebuilt_when_the_export_changes(monkeypatch, tmp_path):
+    """The cache key holds the export's revision: a new exporter does not reuse bundles an older one wrote."""
+    from m3d_edge import cli as cli_module
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    _, first = cli_module._default_bundle_location()
+    monkeypatch.setattr(cli_module, "EXPORT_REVISION", cli_module.EXPORT_REVISION + 1)
+    _, second = cli_module._default_bundle_location()
+    assert second.parent == first.parent and second != first
+
+
 def test_cli_finds_a_cached_default_bundle_without_torch(tmp_path):
     """`m3d-edge run` without --bundle: once the default bundle is cached, finding it needs neither torch nor the
     model code (the edge box's main command starts fast)."""

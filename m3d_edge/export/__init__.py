@@ -15,9 +15,12 @@ from typing import Callable
 
 LLM_PRECISIONS = ("int4-q41", "int4-rtn", "int4-hqq", "int4-gptq", "fp32", "fp16")
 DEFAULT_LLM = "int4-q41"
-# int4-q41 stores SmolLM2's Q4_1 weights exactly (perplexity +1.2% from int8 activations, 21% of fp32's bytes:
-# docs/export.md), and a merged LoRA is kept beside it as a float branch (export.lora), so the trained model's
-# answers survive. int4-rtn decodes faster but re-rounds the base (+44% perplexity).
+# int4-q41 stores SmolLM2's Q4_1 weights exactly and keeps a merged LoRA beside them as a float branch
+# (export.lora), so the trained model's answers survive: phantom-small +0.55% perplexity from the int8
+# activations, 24% of fp32's bytes (docs/export.md). int4-rtn decodes faster but re-rounds the base (+72%).
+# What the export writes for a given checkpoint; bumped whenever that changes, so that cached default bundles
+# (`m3d-edge run` without --bundle) are rebuilt. 2: ViT attention traced in query chunks (export.onnx).
+EXPORT_REVISION = 2
 
 
 def checkpoint_digest(folder: str | Path) -> str:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from m3d_edge import __version__, calibration
-from m3d_edge.export import DEFAULT_LLM, LLM_PRECISIONS, checkpoint_digest, reporter
+from m3d_edge.export import DEFAULT_LLM, EXPORT_REVISION, LLM_PRECISIONS, checkpoint_digest, reporter
 from m3d_edge.config import BX_END, BX_START, IM_PATCH, SEG, preset
 from m3d_edge.export import llm as llm_export
 from m3d_edge.export import lora as lora_export
@@ -223,7 +223,8 @@ def _manifest(model: LaMed, tokenizer: Any, folder: Path, components: dict, quan
         "provenance": {"source": source,
                        "calibration_sha256": ((quant or {}).get("calibration") or {}).get("sha256"),
                        "libraries": _library_versions(),
-                       "python": platform.python_version(), "m3d_edge": __version__},
+                       "python": platform.python_version(), "m3d_edge": __version__,
+                       "export_revision": EXPORT_REVISION},
     }
 
 
