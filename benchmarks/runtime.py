@@ -21,8 +21,9 @@ Each pipeline runs in its own subprocess (so peak RSS, ru_maxrss, is its own), w
   so does this reference.
 - llama.cpp (llama-cpp-python) on the SmolLM2 GGUF: decode tokens/s only (it cannot take the image tokens), text
   prompts of the same questions, n_threads = cores.
-- soak: the runtime answers `--soak` questions in a row on one scan (the four prompts in turn, 32 new tokens,
-  [SEG] forced on the segmentation one), RSS (VmRSS) read after each.
+- soak: the runtime answers `--soak` questions in a row (the four prompts in turn, 32 new tokens, [SEG] forced on
+  the segmentation one), RSS (VmRSS) read after each. Every four questions the scan is read again with the scan
+  cache cleared, as a new patient's would be: the vision graph, the image prefill and the mask decoder run again.
 
 Writes bench-runtime.json and bench-runtime.md into --out, with the machine (CPU model, cores) and the load
 average before and after (the machine may be shared with a training job).
@@ -58,6 +59,7 @@ QUESTIONS = (
 )
 SEG_QUESTION = 3
 SEG_STEP = 8  # the generation step at which [SEG] is forced for the segmentation question
+WARM_SCANS = 3  # soak: scans (of four questions each) before RSS growth is measured
 
 
 # -- shared helpers --------------------------------------------------------------------------------------------------
@@ -316,7 +318,6 @@ def child_soak(args: argparse.Namespace) -> dict[str, Any]:
     from m3d_edge.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(args.bundle)
-    volume = pipe.read(args.scan)
     seg_id = int(pipe.tokens["seg"])
 
     def force_seg(ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
@@ -329,13 +330,18 @@ def child_soak(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     for i in range(args.soak):
         k = i % len(QUESTIONS)
+        if k == 0:  # a new scan: read again, nothing cached
+            pipe.clear_cache()
+            volume = pipe.read(args.scan)
         pipe.ask(volume, QUESTIONS[k], max_new_tokens=32, logits_processor=force_seg if k == SEG_QUESTION else None)
         rss.append(round(rss_now_mb(), 1))
     elapsed = time.perf_counter() - start
-    tenth = rss[min(9, len(rss) - 1)]
+    # RSS rises and falls within a scan's four questions (the mask decoder's buffers), so growth compares the
+    # same point of the cycle: the end of the third scan (warmed up) against the end of the last one
+    warm = rss[WARM_SCANS * len(QUESTIONS) - 1]
     return {"questions": args.soak, "max_new_tokens": 32, "seconds": elapsed, "rss_mb": rss,
-            "rss_after_first_mb": rss[0], "rss_after_10_mb": tenth, "rss_last_mb": rss[-1],
-            "growth_after_10_mb": round(rss[-1] - tenth, 1), "runs": pipe.runs, "peak_rss_mb": peak_rss_mb(),
+            "rss_after_first_mb": rss[0], "rss_after_warmup_mb": warm, "rss_last_mb": rss[-1],
+            "growth_after_warmup_mb": round(rss[-1] - warm, 1), "runs": pipe.runs, "peak_rss_mb": peak_rss_mb(),
             "maxrss_rusage_mb": maxrss_rusage_mb()}
 
 
@@ -466,10 +472,11 @@ def markdown(res: dict[str, Any]) -> str:
                      f"; mask Dice {agree['mask_dice']}" +
                      (f"; decode {res[name]['decode_tokens_per_s']:.1f} tokens/s, peak RSS "
                       f"{res[name]['peak_rss_mb']:.0f} MB" if name == "runtime_fp32" else "") + ".\n")
-    lines.append(f"Soak: {soak['questions']} questions in a row ({soak['max_new_tokens']} new tokens) in "
-                 f"{soak['seconds']:.0f} s; RSS after the first {soak['rss_after_first_mb']} MB, after 10 "
-                 f"{soak['rss_after_10_mb']} MB, after {soak['questions']} {soak['rss_last_mb']} MB: growth after "
-                 f"warm-up {soak['growth_after_10_mb']} MB.\n")
+    lines.append(f"Soak: {soak['questions']} questions in a row ({soak['max_new_tokens']} new tokens; the scan read "
+                 f"again, uncached, every {len(QUESTIONS)} questions) in {soak['seconds']:.0f} s; RSS after the "
+                 f"first question {soak['rss_after_first_mb']} MB, after the {WARM_SCANS}rd scan's last "
+                 f"{soak['rss_after_warmup_mb']} MB, after the last scan's last {soak['rss_last_mb']} MB: growth "
+                 f"after warm-up {soak['growth_after_warmup_mb']} MB.\n")
     lines.append(f"Command: `{res['command']}`")
     return "\n".join(lines) + "\n"
 
@@ -479,7 +486,8 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "docs"), help="folder for bench-runtime.json and .md")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--soak", type=int, default=100, help="questions in a row for the RSS growth check")
+    p.add_argument("--soak", type=int, default=100,
+                   help="questions in a row for the RSS growth check (a multiple of 4, at least 16)")
     p.add_argument("--work", default=None, help="folder for the bundle and the scan [default: a temp folder]")
     p.add_argument("--llm", default="int4-q41", choices=("int4-q41", "int4-rtn", "int4-hqq"),
                    help="the 4-bit bundle to measure")
@@ -488,6 +496,9 @@ def main() -> None:
     p.add_argument("--scan", help=argparse.SUPPRESS)
     p.add_argument("--tag", default="child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.soak % len(QUESTIONS) or args.soak <= WARM_SCANS * len(QUESTIONS):
+        p.error(f"--soak {args.soak}: give a multiple of {len(QUESTIONS)} above {WARM_SCANS * len(QUESTIONS)} "
+                f"(whole scans of {len(QUESTIONS)} questions, {WARM_SCANS} of them warm-up)")
     if args.child:
         print(json.dumps(CHILDREN[args.child](args)))
         return
