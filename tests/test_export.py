@@ -24,7 +24,7 @@ from m3d_edge.export import quantize
 from m3d_edge.model import checkpoint
 from m3d_edge.model.checkpoint import CheckpointError
 from m3d_edge.runtime import bundle as bundle_reader
-from m3d_edge.runtime.decoder import Decoder, DecoderSpec, GenerationOptions, greedy, top_p_sample
+from m3d_edge.runtime.decoder import Decoder, DecoderBatch, DecoderSpec, GenerationOptions, greedy, top_p_sample
 from m3d_edge.runtime.engines import Engines, create_session
 
 from conftest import run_without_modules
@@ -240,6 +240,28 @@ def test_runtime_stop_tokens_and_seeded_sampling(official, official_decoder, off
     assert list(stream) == a and stream.result.ids == a
     with pytest.raises(ValueError, match="do not fit the KV cache"):
         make_decoder(official, official_decoder, max_length=100).generate(official_prompt)
+
+
+def test_decoder_batch_equals_one_by_one(official, official_decoder, official_prompt):
+    """Rows of different lengths, options and stop reasons decoded together = each decoded alone (same ids, same
+    [SEG] states); finished rows stop growing while the others go on."""
+    single = make_decoder(official, official_decoder)
+    prompts = [official_prompt, official_prompt[:, :150], official_prompt[:, 40:]]
+    first = single.generate(prompts[1], GenerationOptions(max_new_tokens=8)).ids
+    options = [GenerationOptions(max_new_tokens=10), GenerationOptions(max_new_tokens=8, stop_ids=(first[2],)),
+               GenerationOptions(max_new_tokens=12, do_sample=True, top_p=0.9, seed=7)]
+    forcing = [forced([5, 7, SEG_ID, 9, SEG_ID, 2, 3, 4, 5, 6])[1], None, None]
+    alone = [single.generate(p, o, seg_token_id=SEG_ID, logits_processor=f)
+             for p, o, f in zip(prompts, options, forcing)]
+    session = single.session
+    batch = DecoderBatch(session, single.spec, single.embeddings, 3, max_length=400)
+    together = batch.generate([(p, 0) for p in prompts], options, seg_token_id=SEG_ID, logits_processors=forcing)
+    for a, t in zip(alone, together):
+        assert t.ids == a.ids and t.stop_reason == a.stop_reason and t.prompt_length == a.prompt_length
+    assert together[1].stop_reason == "stop" and len(together[1].ids) == 3
+    assert rel_err(together[0].seg_hidden, alone[0].seg_hidden) <= 1e-6
+    with pytest.raises(ValueError, match="for a batch of 3"):
+        batch.generate([(official_prompt, 0)], options[:1])
 
 
 def test_sampling_primitives():

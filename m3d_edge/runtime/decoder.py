@@ -12,8 +12,11 @@ Generation follows LaMed.generate (spec §3.5): greedy or nucleus sampling (seed
 token j is kept when token j+1 is [SEG]; several are averaged; a [SEG] as the very first token has no such
 state (the prompt's state is never used) and is ignored.
 
-Limits: batch size 1 (the runtime answers one scan at a time; the graph itself takes any batch), prompts are
-never padded.
+Several questions about one scan decode together (`DecoderBatch`, CPU): each row's prompt is prefilled alone,
+then every step runs all rows in one call with a right-padded attention mask, and GroupQueryAttention writes each
+row's new keys at that row's own length (tested: the same logits as the rows decoded one by one). A step at batch
+4 costs ~1.6x a step at batch 1 on 2 cores (the 4-bit weights are read once for the four rows). Prompts are never
+left-padded.
 """
 
 from __future__ import annotations
@@ -111,27 +114,42 @@ class Generated:
 # -- the cache ---------------------------------------------------------------------------------------------------
 
 class KVCache:
-    """Keys and values of every layer, [1, kv, max_length, d] each, allocated once on `device`.
+    """Keys and values of every layer, [batch, kv, max_length, d] each, allocated once on `device`.
 
     On the CPU each buffer is a numpy array wrapped (not copied) by its OrtValue, so the host can read and write
     rows directly: `snapshot` / `restore` copy a prompt prefix out of and back into the cache (the pipeline keeps
-    the image prefix of a scan this way). On a GPU the buffers live in device memory and have no such view.
+    the image prefix of a scan this way), and `row(b)` is sequence b of a batch as a cache of its own, sharing
+    the memory. On a GPU the buffers live in device memory and have no such view. `length` counts the positions
+    held by a batch-1 cache (a batch's rows each have their own; `DecoderBatch` keeps them).
     """
 
-    def __init__(self, spec: DecoderSpec, max_length: int, dtype=np.float32, device: str = "cpu") -> None:
-        shape = (1, spec.num_kv_heads, max_length, spec.head_dim)
+    def __init__(self, spec: DecoderSpec, max_length: int, dtype=np.float32, device: str = "cpu",
+                 batch: int = 1) -> None:
+        shape = (batch, spec.num_kv_heads, max_length, spec.head_dim)
         self.nbytes = 2 * spec.num_layers * int(np.prod(shape)) * np.dtype(dtype).itemsize
         self.max_length = max_length
         self.length = 0  # rows that hold real positions
         if device == "cpu":
-            # ortvalue_from_numpy shares the array's memory; the OrtValue keeps the array alive
-            self.arrays: Optional[list[tuple[np.ndarray, np.ndarray]]] = [
-                (np.zeros(shape, dtype), np.zeros(shape, dtype)) for _ in range(spec.num_layers)]
-            self.buffers = [tuple(ort.OrtValue.ortvalue_from_numpy(a) for a in pair) for pair in self.arrays]
+            # np.zeros maps pages lazily: memory is taken as positions are written, not for the whole capacity
+            self._wrap([(np.zeros(shape, dtype), np.zeros(shape, dtype)) for _ in range(spec.num_layers)])
         else:
             self.arrays = None
             self.buffers = [tuple(ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
                                   for _ in range(2)) for _ in range(spec.num_layers)]
+
+    def _wrap(self, arrays: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        # ortvalue_from_numpy shares a C-contiguous array's memory; the OrtValue keeps the array alive
+        self.arrays: Optional[list[tuple[np.ndarray, np.ndarray]]] = arrays
+        self.buffers = [tuple(ort.OrtValue.ortvalue_from_numpy(a) for a in pair) for pair in arrays]
+
+    def row(self, b: int) -> "KVCache":
+        """Sequence b as a batch-1 cache over the same memory (CPU): its prefill writes straight into the batch."""
+        if self.arrays is None:
+            raise RuntimeError("the KV cache lives in device memory; row views are only available on the CPU")
+        view = KVCache.__new__(KVCache)
+        view.nbytes, view.max_length, view.length = self.nbytes // self.arrays[0][0].shape[0], self.max_length, 0
+        view._wrap([(k[b:b + 1], v[b:b + 1]) for k, v in self.arrays])  # the batch axis is outermost: contiguous
+        return view
 
     @property
     def host_visible(self) -> bool:
@@ -185,7 +203,7 @@ class Decoder:
     """
 
     def __init__(self, session: ort.InferenceSession, spec: DecoderSpec, embeddings: np.ndarray | NpyRows, *,
-                 max_length: Optional[int] = None, device: str = "cpu") -> None:
+                 max_length: Optional[int] = None, device: str = "cpu", cache: Optional[KVCache] = None) -> None:
         if embeddings.shape != (spec.vocab_size, spec.hidden_size):
             raise ValueError(f"embedding table {embeddings.shape} does not match the decoder "
                              f"({spec.vocab_size}, {spec.hidden_size})")
@@ -195,8 +213,10 @@ class Decoder:
             raise ValueError(f"decoder graph lacks inputs {sorted(missing)}; re-export it with m3d_edge.export.llm")
         self.session, self.spec, self.embeddings, self.device = session, spec, embeddings, device
         self.embed_dtype = _NP_TYPES[types["inputs_embeds"]]
-        capacity = max_length or min(spec.context_length, DEFAULT_MAX_LENGTH)
-        self.cache = KVCache(spec, capacity, _NP_TYPES[types["past_key_values.0.key"]], device)
+        capacity = cache.max_length if cache is not None else max_length or min(spec.context_length,
+                                                                                 DEFAULT_MAX_LENGTH)
+        # `cache`: a batch-1 cache to use instead of a new one (a DecoderBatch row)
+        self.cache = cache or KVCache(spec, capacity, _NP_TYPES[types["past_key_values.0.key"]], device)
         # Bound once: the cache buffers never move (GroupQueryAttention appends in place), so a step only rebinds
         # its embeddings, the attention mask (a view of one preallocated row of ones) and, for one-position
         # steps, preallocated logits / hidden outputs read without get_outputs. Rebinding all 2L cache values and
@@ -286,6 +306,50 @@ class _SegCapture:
         return None if self.count == 0 else (self.total / self.count).astype(np.float32)
 
 
+class _Row:
+    """One sequence's choices, step by step: logits processor, greedy or nucleus sampling (its own seeded
+    Generator), [SEG] capture, stop ids and max_new_tokens. `Stream` and `DecoderBatch` both decide through it."""
+
+    def __init__(self, options: GenerationOptions, seg_token_id: Optional[int],
+                 logits_processor: Optional[LogitsProcessor], prompt_length: int) -> None:
+        self.options, self.seg_token_id, self.logits_processor = options, seg_token_id, logits_processor
+        self.prompt_length = prompt_length
+        self.rng = np.random.default_rng(options.seed) if options.do_sample else None
+        self.stop = set(options.stop_ids)
+        self.ids: list[int] = []
+        self.seg = _SegCapture()
+        self.reason = "length"
+        self.done = False
+
+    def take(self, logits: np.ndarray, hidden: np.ndarray) -> int:
+        """The next token from the logits the state `hidden` produced; sets `done` when it is the last one (the
+        last token is never fed back: its state could only predict a token we will not make)."""
+        opts = self.options
+        if self.logits_processor is not None:
+            logits = self.logits_processor(np.asarray(self.ids, dtype=np.int64), logits)
+        token = (top_p_sample(logits, top_p=opts.top_p, temperature=opts.temperature, rng=self.rng)
+                 if opts.do_sample else greedy(logits))
+        if token == self.seg_token_id and self.ids:  # a state computed on a generated token, not the prompt's
+            self.seg.add(hidden)
+        self.ids.append(token)
+        if token in self.stop:
+            self.reason, self.done = "stop", True
+        elif len(self.ids) == opts.max_new_tokens:
+            self.done = True
+        return token
+
+    def result(self) -> Generated:
+        return Generated(ids=self.ids, seg_hidden=self.seg.mean(), prompt_length=self.prompt_length,
+                         stop_reason=self.reason)
+
+
+def _check_room(prompt_length: int, options: GenerationOptions, capacity: int) -> None:
+    needed = prompt_length + options.max_new_tokens - 1  # the last token is never fed
+    if needed > capacity:
+        raise ValueError(f"{needed} positions (prompt + max_new_tokens - 1) do not fit the KV cache "
+                         f"({capacity}); build the Decoder with a larger max_length")
+
+
 @dataclass
 class Stream:
     """An iterator of generated token ids; `.result` (a Generated) is set when it is exhausted."""
@@ -299,37 +363,92 @@ class Stream:
     result: Optional[Generated] = field(default=None, init=False)
 
     def __iter__(self) -> Iterator[int]:
-        opts, dec = self.options, self.decoder
+        dec = self.decoder
         if self.past_length > dec.cache.length:
             raise ValueError(f"past_length {self.past_length} but the cache holds {dec.cache.length} positions; "
                              f"restore the prefix into the cache first")
         prompt_length = self.past_length + self.inputs_embeds.shape[1]
-        needed = prompt_length + opts.max_new_tokens - 1  # the last token is never fed
-        if needed > dec.cache.max_length:
-            raise ValueError(f"{needed} positions (prompt + max_new_tokens - 1) do not fit the KV cache "
-                             f"({dec.cache.max_length}); build the Decoder with a larger max_length")
-        rng = np.random.default_rng(opts.seed) if opts.do_sample else None
-        stop = set(opts.stop_ids)
-        ids: list[int] = []
-        seg = _SegCapture()
+        _check_room(prompt_length, self.options, dec.cache.max_length)
+        row = _Row(self.options, self.seg_token_id, self.logits_processor, prompt_length)
         dec.cache.length = self.past_length  # 0: a fresh prompt; stale rows need no clearing (the mask hides them)
         logits, hidden = dec.forward(self.inputs_embeds)
-        on_generated = False  # the state that produced `logits` was computed on a generated token
-        reason = "length"
-        for step in range(opts.max_new_tokens):
-            if self.logits_processor is not None:
-                logits = self.logits_processor(np.asarray(ids, dtype=np.int64), logits)
-            token = (top_p_sample(logits, top_p=opts.top_p, temperature=opts.temperature, rng=rng)
-                     if opts.do_sample else greedy(logits))
-            if token == self.seg_token_id and on_generated:
-                seg.add(hidden)
-            ids.append(token)
+        while True:
+            token = row.take(logits, hidden)
             yield token
-            if token in stop:
-                reason = "stop"
+            if row.done:
                 break
-            if step == opts.max_new_tokens - 1:
-                break  # the last token is never fed: its state could only predict a token we will not make
             logits, hidden = dec.forward(dec.embed([token]))
-            on_generated = True
-        self.result = Generated(ids=ids, seg_hidden=seg.mean(), prompt_length=prompt_length, stop_reason=reason)
+        self.result = row.result()
+
+
+class DecoderBatch:
+    """Several sequences decoded together on the CPU, one KV cache [batch, kv, max_length, d] per layer.
+
+    `rows[b]` is a batch-1 Decoder over row b of the cache: the pipeline restores a prefix into it and each
+    prompt is prefilled alone (prompts differ in length). Then every step feeds one token per row in one run:
+    the attention mask is right-padded (row b: ones for its len_b + 1 positions), from which GroupQueryAttention
+    takes each row's length, writes the row's new keys at that position and attends to that row's positions only.
+    A finished row keeps being fed at a frozen length (its output is ignored) until every row is done.
+    """
+
+    def __init__(self, session: ort.InferenceSession, spec: DecoderSpec, embeddings: np.ndarray | NpyRows,
+                 batch: int, *, max_length: int) -> None:
+        types = {i.name: i.type for i in session.get_inputs()}
+        dtype = _NP_TYPES[types["past_key_values.0.key"]]
+        self.session, self.spec, self.batch = session, spec, batch
+        self.cache = KVCache(spec, max_length, dtype, "cpu", batch=batch)
+        self.rows = [Decoder(session, spec, embeddings, cache=self.cache.row(b)) for b in range(batch)]
+        self._binding = session.io_binding()
+        self.cache.bind(self._binding)
+        out_types = {o.name: _NP_TYPES[o.type] for o in session.get_outputs() if o.name in ("logits", "hidden_states")}
+        self._logits = np.zeros((batch, 1, spec.vocab_size), out_types["logits"])
+        self._hidden = np.zeros((batch, 1, spec.hidden_size), out_types["hidden_states"])
+        self._outputs = [ort.OrtValue.ortvalue_from_numpy(a) for a in (self._logits, self._hidden)]
+
+    def step(self, tokens: Sequence[int], lengths: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Feed token b at position lengths[b] of row b -> (logits [B, V], hidden [B, H]) float32."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.max()) >= self.cache.max_length:
+            raise ValueError(f"position {int(lengths.max())} is beyond the KV cache ({self.cache.max_length})")
+        mask = (np.arange(int(lengths.max()) + 1) <= lengths[:, None]).astype(np.int64)  # [B, T], right-padded
+        embeds = self.rows[0].embed(tokens)[0][:, None]  # [B, 1, H]
+        b = self._binding
+        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
+        b.bind_cpu_input("attention_mask", mask)
+        b.bind_ortvalue_output("logits", self._outputs[0])
+        b.bind_ortvalue_output("hidden_states", self._outputs[1])
+        self.session.run_with_iobinding(b)
+        return self._logits[:, -1].astype(np.float32), self._hidden[:, -1].astype(np.float32)
+
+    def generate(self, prompts: Sequence[tuple[np.ndarray, int]], options: Sequence[GenerationOptions], *,
+                 seg_token_id: Optional[int] = None,
+                 logits_processors: Optional[Sequence[Optional[LogitsProcessor]]] = None,
+                 on_prefilled: Optional[Callable[[int], None]] = None) -> list[Generated]:
+        """prompts[b] = (inputs_embeds [1, S_b, H], past_length_b): row b's cache already holds past_length_b
+        positions (restored through rows[b].cache). Same choices as `Decoder.stream` row by row.
+        on_prefilled(b) is called when row b's first token is known (for timings)."""
+        if len(prompts) != self.batch or len(options) != self.batch:
+            raise ValueError(f"{len(prompts)} prompts and {len(options)} option sets for a batch of {self.batch}")
+        processors = list(logits_processors or [None] * len(prompts))
+        states, tokens, lengths = [], [], []
+        for b, ((embeds, past), opts) in enumerate(zip(prompts, options)):
+            dec = self.rows[b]
+            if past > dec.cache.length:
+                raise ValueError(f"row {b}: past_length {past} but its cache holds {dec.cache.length} positions")
+            prompt_length = past + embeds.shape[1]
+            _check_room(prompt_length, opts, self.cache.max_length)
+            row = _Row(opts, seg_token_id, processors[b], prompt_length)
+            dec.cache.length = past
+            logits, hidden = dec.forward(embeds)
+            tokens.append(row.take(logits, hidden))
+            if on_prefilled is not None:
+                on_prefilled(b)
+            states.append(row)
+            lengths.append(prompt_length)
+        while not all(row.done for row in states):
+            logits, hidden = self.step(tokens, lengths)
+            for b, row in enumerate(states):
+                if not row.done:
+                    lengths[b] += 1
+                    tokens[b] = row.take(logits[b], hidden[b])
+        return [row.result() for row in states]
