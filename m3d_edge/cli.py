@@ -171,11 +171,16 @@ def run(scan: str, questions: tuple[str, ...], bundle_dir: str | None, out_dir: 
         volume = pipeline.read(scan)
         read_s = time.perf_counter() - start
         records = []
-        for i, question in enumerate(questions or DEFAULT_QUESTIONS, start=1):
+        questions = questions or DEFAULT_QUESTIONS
+        # without --stream the questions are decoded together (ask_many: same answers, ~2x faster for four)
+        together = None if stream else pipeline.ask_many(volume, questions, max_new_tokens=max_new_tokens)
+        for i, question in enumerate(questions, start=1):
             if stream:
                 click.echo(f"Q{i}: {question}\nA{i}: ", nl=False)
-            answer = pipeline.ask(volume, question, max_new_tokens=max_new_tokens,
-                                  on_text=(lambda piece: click.echo(piece, nl=False)) if stream else None)
+                answer = pipeline.ask(volume, question, max_new_tokens=max_new_tokens,
+                                      on_text=lambda piece: click.echo(piece, nl=False))
+            else:
+                answer = together[i - 1]
             if i == 1:
                 answer = dataclasses.replace(answer, timings={"read": read_s, **answer.timings})
             files = {}

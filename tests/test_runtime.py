@@ -167,7 +167,7 @@ def test_pipeline_matches_torch_generate(placement, models_and_bundles, case_vol
         ("Segment it.", {0: SEG}),  # [SEG] as the very first token has no predicting state: no mask (official)
     ]
     x, transform = to_model_input(case_volume, "ct")
-    masks = 0
+    masks, answers = 0, []
     for question, steps in prompts:
         torch_proc, numpy_proc = forcing(steps)
         ids = torch.tensor([tok.encode(image_prompt(question, model.cfg.num_image_tokens)).ids])
@@ -175,6 +175,7 @@ def test_pipeline_matches_torch_generate(placement, models_and_bundles, case_vol
             ref = model.generate(torch.from_numpy(x), ids, max_new_tokens=MAX_NEW, eos_token_id=[EOS],
                                  logits_processor=torch_proc)
         got = pipe.ask(case_volume, question, max_new_tokens=MAX_NEW, logits_processor=numpy_proc)
+        answers.append(got)
         expected_ids = ref.ids[0].tolist()
         assert list(got.token_ids) == expected_ids, f"{placement} {question!r}"
         ref_text = tok.decode(expected_ids, skip_special_tokens=True)
@@ -198,6 +199,16 @@ def test_pipeline_matches_torch_generate(placement, models_and_bundles, case_vol
     runs = pipe.runs
     assert runs["vision"] == 1 and runs["seg_decoder"] == 2
     assert runs["seg_encoder"] == (0 if placement == "by_id" else 1)  # by_id bundle: shared tower, no seg encoder
+    # the same five questions decoded together (one ORT run per step for all rows) give the same answers
+    batched = pipe.ask_many(case_volume, [q for q, _ in prompts], max_new_tokens=MAX_NEW,
+                            logits_processors=[forcing(steps)[1] for _, steps in prompts])
+    for one, together in zip(answers, batched):
+        assert together.token_ids == one.token_ids and together.text == one.text, one.question
+        assert together.boxes == one.boxes and together.stop_reason == one.stop_reason
+        assert (together.mask is None) == (one.mask is None)
+        if one.mask is not None:
+            assert np.array_equal(together.mask.array, one.mask.array)
+    assert len({a.timings["decode"] for a in batched}) == 1  # the batched loop's time, shared
 
 
 def test_stream_pieces_add_up_to_the_answer(pipeline, case_volume):
@@ -340,15 +351,15 @@ def test_two_threads_get_the_answers_of_sequential_asks(bundle_dir, case_volume,
 def test_cli_run_writes_answers_masks_and_overlays(bundle_dir, case_volume, tmp_path, monkeypatch):
     scan = write_nifti(case_volume, tmp_path / "case.nii.gz")
     out = tmp_path / "out"
-    # the random model never asks for a mask; force one [SEG] so the mask writers run too
-    original = Pipeline.ask
+    # the random model never asks for a mask; force one [SEG] so the mask writers run too (`run` without --stream
+    # asks all its questions through ask_many)
+    original = Pipeline.ask_many
 
-    def ask_with_seg(self, volume, question, **kwargs):
-        if "segment" in question:
-            kwargs["logits_processor"] = forcing({2: SEG})[1]
-        return original(self, volume, question, **kwargs)
+    def ask_many_with_seg(self, volume, questions, **kwargs):
+        kwargs["logits_processors"] = [forcing({2: SEG})[1] if "segment" in q else None for q in questions]
+        return original(self, volume, questions, **kwargs)
 
-    monkeypatch.setattr(Pipeline, "ask", ask_with_seg)
+    monkeypatch.setattr(Pipeline, "ask_many", ask_many_with_seg)
     runner = CliRunner()
     r = runner.invoke(cli, ["run", str(scan), "--bundle", str(bundle_dir), "--out", str(out), "--json",
                             "--max-new-tokens", "8", "-q", "What is this?", "-q", "Please segment the liver."])

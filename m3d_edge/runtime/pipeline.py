@@ -57,7 +57,8 @@ from m3d_edge.imaging.volume import ImagingError, Volume
 from m3d_edge.preprocess import PreprocessError, Transform, to_model_input
 from m3d_edge.runtime import bundle as bundle_reader
 from m3d_edge.runtime.answer import Answer, Box
-from m3d_edge.runtime.decoder import Decoder, DecoderSpec, GenerationOptions, LogitsProcessor
+from m3d_edge.runtime.decoder import (Decoder, DecoderBatch, DecoderSpec, GenerationOptions, Generated,
+                                      LogitsProcessor)
 from m3d_edge.runtime.engines import Engines, available_providers
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,18 @@ class _ScanFeatures:
     patch_tokens: Optional[np.ndarray] = None  # [1, 2048, C] when the seg decoder reads the vision tower
     seg_image: Optional[np.ndarray] = None  # the seg decoder's image input, once a [SEG] asked for it
     prefix: Optional[_Prefix] = None
+
+
+@dataclass
+class _Question:
+    """One question, ready to decode: its scan's features, prompt ids, image positions, fitted options."""
+
+    question: str
+    feats: _ScanFeatures
+    ids: np.ndarray  # [T] int64
+    positions: np.ndarray
+    options: GenerationOptions
+    timings: dict[str, float]
 
 
 class AnswerStream:
@@ -338,11 +351,27 @@ class Pipeline:
         options = self._options(max_new_tokens, do_sample, top_p, temperature, seed)
         return AnswerStream(self._answer(volume, question, options, logits_processor))
 
-    def ask_many(self, volume: Scan, questions: Sequence[str], **options: Any) -> list[Answer]:
-        """Several questions about one scan: read once, encoded once, the image prefix computed once."""
+    def ask_many(self, volume: Scan, questions: Sequence[str], *, batched: bool = True,
+                 logits_processors: Optional[Sequence[Optional[LogitsProcessor]]] = None,
+                 **options: Any) -> list[Answer]:
+        """Several questions about one scan: read once, encoded once, the image prefix computed once. `options` are
+        `ask`'s. On the CPU the answers are decoded together (`batched`; one ORT run per step for all of them: the
+        same tokens as asking one by one, ~2x faster for four questions); with `on_text`, on a GPU, or with
+        batched=False they are asked one by one. logits_processors: one per question (or None)."""
+        generation = ("max_new_tokens", "do_sample", "top_p", "temperature", "seed")
+        unknown = set(options) - {*generation, "on_text", "logits_processor"}
+        if unknown:
+            raise TypeError(f"ask_many() got unexpected options {sorted(unknown)}")
+        if logits_processors is not None and (len(logits_processors) != len(questions) or "logits_processor" in options):
+            raise ValueError("logits_processors needs one entry per question, and replaces logits_processor")
         timings: dict[str, float] = {}
         vol = self._read_timed(volume, timings)
-        answers = [self.ask(vol, q, **options) for q in questions]
+        processors = list(logits_processors or [options.pop("logits_processor", None)] * len(questions))
+        if batched and len(questions) > 1 and options.get("on_text") is None and self._pool[0].cache.host_visible:
+            generation_options = self._options(*(options.get(k) for k in generation))
+            answers = self._answer_batch(vol, list(questions), generation_options, processors)
+        else:
+            answers = [self.ask(vol, q, logits_processor=p, **options) for q, p in zip(questions, processors)]
         if answers and "read" in timings:  # the read belongs to the first answer
             answers[0] = dataclasses.replace(answers[0], timings={"read": timings["read"], **answers[0].timings})
         return answers
@@ -365,18 +394,13 @@ class Pipeline:
                 logits_processor: Optional[LogitsProcessor]) -> Generator[str, None, Answer]:
         timings = {stage: 0.0 for stage in STAGES if stage != "read"}
         volume = self._read_timed(scan, timings)
-        feats = self._features(volume, timings)
-        ids = self._prompt_ids(question)  # [T] int64
-        positions = image_positions(ids, self.image["placement"], int(self.image["num_tokens"]),
-                                    int(self.tokens["im_patch"]))
-        options = self._fit_context(ids.shape[0], options)
+        q = self._prepare(volume, question, options, timings)
         text = TextAssembler(self.tokenizer, self._drop_ids)
         decoder = self._acquire_decoder()
         try:
             start = time.perf_counter()
-            past = self._restore_prefix(decoder, feats, ids, positions)
-            embeds = place_image_tokens(decoder.embed(ids[past:]), feats.image_tokens, positions, start=past)
-            stream = decoder.stream(embeds, options, seg_token_id=int(self.tokens["seg"]),
+            embeds, past = self._prompt_embeds(decoder, q)
+            stream = decoder.stream(embeds, q.options, seg_token_id=int(self.tokens["seg"]),
                                     logits_processor=logits_processor, past_length=past)
             first_at = None
             for token in stream:
@@ -393,15 +417,56 @@ class Pipeline:
         tail = text.flush()
         if tail:
             yield tail
+        return self._finish(q, generated, text.text())
+
+    def _answer_batch(self, volume: Volume, questions: list[str], options: GenerationOptions,
+                      processors: list[Optional[LogitsProcessor]]) -> list[Answer]:
+        """The questions decoded together (DecoderBatch). Timings per answer: its own preprocess (the digest after
+        the first), prefill (up to its first token; the rows are prefilled one after another) and seg; `decode` is
+        the batched loop's time, the same for every answer (they share it)."""
+        timed = [{stage: 0.0 for stage in STAGES if stage != "read"} for _ in questions]
+        prepared = [self._prepare(volume, question, options, t) for question, t in zip(questions, timed)]
+        capacity = max(q.ids.shape[0] + q.options.max_new_tokens - 1 for q in prepared)
+        batch = DecoderBatch(self._decoder_session, self._decoder_spec, self._embeddings, len(prepared),
+                             max_length=capacity)
+        marks = [time.perf_counter()]
+        prompts = [self._prompt_embeds(batch.rows[b], q) for b, q in enumerate(prepared)]
+        generated = batch.generate(prompts, [q.options for q in prepared], seg_token_id=int(self.tokens["seg"]),
+                                   logits_processors=processors, on_prefilled=lambda b: marks.append(time.perf_counter()))
+        decode = time.perf_counter() - marks[-1]
+        answers = []
+        for b, (q, gen) in enumerate(zip(prepared, generated)):
+            q.timings["prefill"], q.timings["decode"] = marks[b + 1] - marks[b], decode
+            text = TextAssembler(self.tokenizer, self._drop_ids)
+            for token in gen.ids:
+                text.push(token)
+            text.flush()
+            answers.append(self._finish(q, gen, text.text()))
+        return answers
+
+    def _prepare(self, volume: Volume, question: str, options: GenerationOptions,
+                 timings: dict[str, float]) -> "_Question":
+        feats = self._features(volume, timings)
+        ids = self._prompt_ids(question)  # [T] int64
+        positions = image_positions(ids, self.image["placement"], int(self.image["num_tokens"]),
+                                    int(self.tokens["im_patch"]))
+        return _Question(question, feats, ids, positions, self._fit_context(ids.shape[0], options), timings)
+
+    def _prompt_embeds(self, decoder: Decoder, q: "_Question") -> tuple[np.ndarray, int]:
+        """The image prefix put into `decoder`'s cache (when it can be reused) and the rest of the prompt's
+        embeddings, image tokens placed: (embeds [1, T - past, H], past)."""
+        past = self._restore_prefix(decoder, q.feats, q.ids, q.positions)
+        return place_image_tokens(decoder.embed(q.ids[past:]), q.feats.image_tokens, q.positions, start=past), past
+
+    def _finish(self, q: "_Question", generated: Generated, answer_text: str) -> Answer:
         mask = None
         if generated.seg_hidden is not None and self._seg_decoder is not None:
             t = time.perf_counter()
-            mask = self._segment(feats, generated.seg_hidden)
-            timings["seg"] = time.perf_counter() - t
-        answer_text = text.text()
-        boxes = tuple(self._box(b, feats.transform) for b in parse_boxes(answer_text))
-        return Answer(question=question, text=answer_text, token_ids=tuple(generated.ids), boxes=boxes, mask=mask,
-                      timings=timings, stop_reason=generated.stop_reason)
+            mask = self._segment(q.feats, generated.seg_hidden)
+            q.timings["seg"] = time.perf_counter() - t
+        boxes = tuple(self._box(b, q.feats.transform) for b in parse_boxes(answer_text))
+        return Answer(question=q.question, text=answer_text, token_ids=tuple(generated.ids), boxes=boxes,
+                      mask=mask, timings=q.timings, stop_reason=generated.stop_reason)
 
     def _read_timed(self, scan: Scan, timings: dict[str, float]) -> Volume:
         if isinstance(scan, Volume):
