@@ -14,6 +14,8 @@ Each pipeline runs in its own subprocess (so peak RSS, ru_maxrss, is its own), w
 
 - runtime: m3d_edge.runtime.Pipeline on the 4-bit bundle (`--llm`, default int4-q41, the export default). A run = the scan file -> four answers, cold (scan
   cache cleared): read, preprocess and vision once, the image-prefix KV reused for questions 2-4.
+- runtime_batched: the same, the four questions decoded together (`Pipeline.ask_many`, one ORT run per step for
+  all four rows; the default of `m3d-edge run` without --stream); its token ids are compared with runtime's.
 - reference: what the official code does, fp32 PyTorch eager: the same numpy preprocessing, then per question
   the vision tower + projector, `llm.generate(inputs_embeds=..., output_hidden_states=True,
   return_dict_in_generate=True)` (HF), the [SEG] state taken from `hidden_states[1:]` as the official generate
@@ -144,6 +146,27 @@ def child_runtime(args: argparse.Namespace) -> dict[str, Any]:
             "masks": _save_masks(args, args.tag, last),
             "texts": [a.text for a in last], "runs": pipe.runs, "peak_rss_mb": peak_rss_mb(),
             "maxrss_rusage_mb": maxrss_rusage_mb()}
+
+
+def child_runtime_batched(args: argparse.Namespace) -> dict[str, Any]:
+    """The same runs as child_runtime, the four questions decoded together (Pipeline.ask_many, batched)."""
+    from m3d_edge.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(args.bundle)
+    eos, seg_id = list(pipe.tokens["eos"]), int(pipe.tokens["seg"])
+    procs = [numpy_processor(eos, seg_id, i == SEG_QUESTION) for i in range(len(QUESTIONS))]
+    walls, decodes = [], []
+    for run in range(args.repeat + 1):
+        pipe.clear_cache()
+        start = time.perf_counter()
+        answers = pipe.ask_many(args.scan, QUESTIONS, max_new_tokens=args.new_tokens, logits_processors=procs)
+        if run:  # run 0 is the warm-up
+            walls.append(time.perf_counter() - start)
+            decodes.append(answers[0].timings["decode"])  # the batched loop, shared by the four answers
+    tokens = sum(len(a.token_ids) - 1 for a in answers)  # the first token of each comes from its prefill
+    return {"e2e_s": median(walls), "decode_s": median(decodes),
+            "decode_tokens_per_s": tokens / median(decodes), "token_ids": [list(a.token_ids) for a in answers],
+            "masks": _save_masks(args, args.tag, answers), "peak_rss_mb": peak_rss_mb()}
 
 
 def _save_masks(args: argparse.Namespace, name: str, answers_or_masks: list) -> list[str | None]:
@@ -345,7 +368,8 @@ def child_soak(args: argparse.Namespace) -> dict[str, Any]:
             "maxrss_rusage_mb": maxrss_rusage_mb()}
 
 
-CHILDREN = {"runtime": child_runtime, "reference": child_reference, "llamacpp": child_llamacpp, "soak": child_soak}
+CHILDREN = {"runtime": child_runtime, "runtime_batched": child_runtime_batched, "reference": child_reference,
+            "llamacpp": child_llamacpp, "soak": child_soak}
 
 
 # -- parent ---------------------------------------------------------------------------------------------------------
@@ -433,7 +457,8 @@ def markdown(res: dict[str, Any]) -> str:
         ratio = (b / a if better_low else a / b) if a and b else float("nan")
         lines.append(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {ratio:.1f}x |")
 
-    row("scan file -> 4 answers (s)", rt["e2e_s"], ref["e2e_s"])
+    row("scan file -> 4 answers, asked one by one (s)", rt["e2e_s"], ref["e2e_s"])
+    row("scan file -> 4 answers, decoded together (ask_many; s)", res["runtime_batched"]["e2e_s"], ref["e2e_s"])
     row("time to first token, first question, from the file (s)", rt["questions"][0]["first_token_s"],
         ref["questions"][0]["first_token_s"])
     row("time to first token, later question on the same scan (s)",
@@ -472,6 +497,13 @@ def markdown(res: dict[str, Any]) -> str:
                      f"; mask Dice {agree['mask_dice']}" +
                      (f"; decode {res[name]['decode_tokens_per_s']:.1f} tokens/s, peak RSS "
                       f"{res[name]['peak_rss_mb']:.0f} MB" if name == "runtime_fp32" else "") + ".\n")
+    bt, agree = res["runtime_batched"], res["agreement"]["runtime_batched_vs_runtime"]
+    lines.append(f"Decoded together (Pipeline.ask_many: the four rows in one ORT run per step): the same token ids "
+                 f"as asked one by one on {sum(agree['identical_ids'])}/{len(agree['identical_ids'])} questions, "
+                 f"mask Dice {agree['mask_dice']}; decode {bt['decode_s']:.2f} s for the four answers "
+                 f"({bt['decode_tokens_per_s']:.1f} tokens/s in all, against {rt['decode_tokens_per_s']:.1f} one by "
+                 f"one); peak RSS {bt['peak_rss_mb']:.0f} MB. The reference asks one by one, as the official code "
+                 f"does.\n")
     lines.append(f"Soak: {soak['questions']} questions in a row ({soak['max_new_tokens']} new tokens; the scan read "
                  f"again, uncached, every {len(QUESTIONS)} questions) in {soak['seconds']:.0f} s; RSS after the "
                  f"first question {soak['rss_after_first_mb']} MB, after the {WARM_SCANS}rd scan's last "
@@ -513,9 +545,9 @@ def main() -> None:
                            "new_tokens": args.new_tokens, "questions": list(QUESTIONS),
                            "forced_seg": {"question": SEG_QUESTION, "step": SEG_STEP},
                            "command": "python benchmarks/runtime.py " + " ".join(sys.argv[1:])}
-    for name, child, llm in (("runtime", "runtime", args.llm), ("runtime_fp32", "runtime", "fp32"),
-                             ("reference", "reference", None), ("llamacpp", "llamacpp", None),
-                             ("soak", "soak", args.llm)):
+    for name, child, llm in (("runtime", "runtime", args.llm), ("runtime_batched", "runtime_batched", args.llm),
+                             ("runtime_fp32", "runtime", "fp32"), ("reference", "reference", None),
+                             ("llamacpp", "llamacpp", None), ("soak", "soak", args.llm)):
         res[name] = run_child(child, args, bundles[llm or args.llm], scan, tag=name)
     res["load_before"], res["load_after"] = load_before, [round(v, 2) for v in os.getloadavg()]
     res["other_cpu_cores"] = other_cpu.cores()  # the load average would count our own children too
@@ -524,8 +556,12 @@ def main() -> None:
         "tokens": [agreement(a, b) for a, b in zip(res[name]["token_ids"], res["reference"]["token_ids"])],
         "mask_dice": dice_files(res[name]["masks"][SEG_QUESTION], res["reference"]["masks"][SEG_QUESTION])}
         for name in ("runtime", "runtime_fp32")}
+    batched = res["runtime_batched"]
+    res["agreement"]["runtime_batched_vs_runtime"] = {
+        "identical_ids": [a == b for a, b in zip(batched["token_ids"], res["runtime"]["token_ids"])],
+        "mask_dice": dice_files(batched["masks"][SEG_QUESTION], res["runtime"]["masks"][SEG_QUESTION])}
     rt, ref = res["runtime"], res["reference"]
-    res["ratios"] = {"e2e_speedup": ref["e2e_s"] / rt["e2e_s"],
+    res["ratios"] = {"e2e_speedup": ref["e2e_s"] / rt["e2e_s"], "e2e_speedup_batched": ref["e2e_s"] / batched["e2e_s"],
                      "decode_speedup_vs_reference": rt["decode_tokens_per_s"] / ref["decode_tokens_per_s"],
                      "peak_rss_reference_over_runtime": ref["peak_rss_mb"] / rt["peak_rss_mb"]}
     if "missing" not in res["llamacpp"]:
