@@ -28,7 +28,7 @@ from m3d_edge.model import checkpoint
 from m3d_edge.preprocess import to_model_input
 from m3d_edge.runtime.bundle import BundleError, NpyRows
 from m3d_edge.bench.metrics import dice
-from m3d_edge.runtime.pipeline import Pipeline, RuntimeInputError, sigmoid_mask
+from m3d_edge.runtime.pipeline import Pipeline, RuntimeInputError, measure, sigmoid_mask
 
 from conftest import run_without_modules
 
@@ -344,6 +344,17 @@ def test_two_threads_get_the_answers_of_sequential_asks(bundle_dir, case_volume,
         if want.has_mask:
             assert np.array_equal(got.mask.array, want.mask.array)
     assert shared.runs["vision"] == 2  # each scan encoded once, although both threads asked about both
+
+
+def test_measure_times_each_answer_alone(bundle_dir, case_volume):
+    """`m3d-edge bench`'s numbers: the first question pays for the vision run, later ones reuse it and reach
+    their first token sooner; every run starts cold."""
+    pipe = Pipeline.load(bundle_dir)
+    result = measure(pipe, case_volume, ["What is in this image?", "Which phase is it?"], repeat=1, max_new_tokens=6)
+    assert result["cold"]["vision"] > 0 and result["warm"]["vision"] == 0.0
+    assert result["cold"]["decode"] > 0 and result["warm"]["decode"] > 0
+    assert result["first_token_s"]["warm"] < result["first_token_s"]["cold"]
+    assert pipe.runs["vision"] == 2  # one per run (warm-up + 1), the cache cleared between runs
 
 
 # -- (f) the command line -------------------------------------------------------------------------------------------

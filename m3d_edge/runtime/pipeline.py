@@ -633,7 +633,8 @@ def measure(pipeline: Pipeline, scan: Scan, questions: Sequence[str], *, repeat:
     rates: list[float] = []
     for run in range(repeat + 1):
         pipeline.clear_cache()
-        answers = pipeline.ask_many(scan, questions, max_new_tokens=max_new_tokens)
+        # one by one: each answer's stages are its own (decoded together, `decode` would be the shared loop's)
+        answers = pipeline.ask_many(scan, questions, max_new_tokens=max_new_tokens, batched=False)
         if run == 0:
             continue  # warm-up: ORT's first runs allocate arenas and pick kernels
         cold.append(answers[0].timings)
