@@ -262,6 +262,13 @@ def test_decoder_batch_equals_one_by_one(official, official_decoder, official_pr
     assert rel_err(together[0].seg_hidden, alone[0].seg_hidden) <= 1e-6
     with pytest.raises(ValueError, match="for a batch of 3"):
         batch.generate([(official_prompt, 0)], options[:1])
+    # a row that ends by length exactly at the end of the cache while another row goes on
+    full = official_prompt.shape[1] + 4 - 1
+    tight = DecoderBatch(session, single.spec, single.embeddings, 2, max_length=full)
+    short = [GenerationOptions(max_new_tokens=4), GenerationOptions(max_new_tokens=30)]
+    ends = tight.generate([(official_prompt, 0), (official_prompt[:, :150], 0)], short)
+    assert [len(g.ids) for g in ends] == [4, 30]
+    assert ends[1].ids == single.generate(official_prompt[:, :150], short[1]).ids
 
 
 def test_sampling_primitives():

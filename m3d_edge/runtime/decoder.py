@@ -445,8 +445,11 @@ class DecoderBatch:
                 on_prefilled(b)
             states.append(row)
             lengths.append(prompt_length)
+        last = self.cache.max_length - 1
         while not all(row.done for row in states):
-            logits, hidden = self.step(tokens, lengths)
+            # a finished row is fed at its frozen length, or at the last position when it ended right at the cache's
+            # end (its own room check allows that); what it writes there is never read
+            logits, hidden = self.step(tokens, [n if not row.done else min(n, last) for n, row in zip(lengths, states)])
             for b, row in enumerate(states):
                 if not row.done:
                     lengths[b] += 1
