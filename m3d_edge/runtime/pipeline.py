@@ -362,7 +362,8 @@ class Pipeline:
         unknown = set(options) - {*generation, "on_text", "logits_processor"}
         if unknown:
             raise TypeError(f"ask_many() got unexpected options {sorted(unknown)}")
-        if logits_processors is not None and (len(logits_processors) != len(questions) or "logits_processor" in options):
+        if logits_processors is not None and (len(logits_processors) != len(questions)
+                                              or "logits_processor" in options):
             raise ValueError("logits_processors needs one entry per question, and replaces logits_processor")
         timings: dict[str, float] = {}
         vol = self._read_timed(volume, timings)
@@ -432,7 +433,8 @@ class Pipeline:
         marks = [time.perf_counter()]
         prompts = [self._prompt_embeds(batch.rows[b], q) for b, q in enumerate(prepared)]
         generated = batch.generate(prompts, [q.options for q in prepared], seg_token_id=int(self.tokens["seg"]),
-                                   logits_processors=processors, on_prefilled=lambda b: marks.append(time.perf_counter()))
+                                   logits_processors=processors,
+                                   on_prefilled=lambda b: marks.append(time.perf_counter()))
         decode = time.perf_counter() - marks[-1]
         answers = []
         for b, (q, gen) in enumerate(zip(prepared, generated)):
@@ -445,20 +447,20 @@ class Pipeline:
         return answers
 
     def _prepare(self, volume: Volume, question: str, options: GenerationOptions,
-                 timings: dict[str, float]) -> "_Question":
+                 timings: dict[str, float]) -> _Question:
         feats = self._features(volume, timings)
         ids = self._prompt_ids(question)  # [T] int64
         positions = image_positions(ids, self.image["placement"], int(self.image["num_tokens"]),
                                     int(self.tokens["im_patch"]))
         return _Question(question, feats, ids, positions, self._fit_context(ids.shape[0], options), timings)
 
-    def _prompt_embeds(self, decoder: Decoder, q: "_Question") -> tuple[np.ndarray, int]:
+    def _prompt_embeds(self, decoder: Decoder, q: _Question) -> tuple[np.ndarray, int]:
         """The image prefix put into `decoder`'s cache (when it can be reused) and the rest of the prompt's
         embeddings, image tokens placed: (embeds [1, T - past, H], past)."""
         past = self._restore_prefix(decoder, q.feats, q.ids, q.positions)
         return place_image_tokens(decoder.embed(q.ids[past:]), q.feats.image_tokens, q.positions, start=past), past
 
-    def _finish(self, q: "_Question", generated: Generated, answer_text: str) -> Answer:
+    def _finish(self, q: _Question, generated: Generated, answer_text: str) -> Answer:
         mask = None
         if generated.seg_hidden is not None and self._seg_decoder is not None:
             t = time.perf_counter()
