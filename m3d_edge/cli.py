@@ -203,7 +203,10 @@ def run(scan: str, questions: tuple[str, ...], bundle_dir: str | None, out_dir: 
                 click.echo(f"    mask: {record['mask']['voxels']} voxels, {record['mask']['volume_ml']} ml")
             for kind, path in files.items():
                 click.echo(f"    {kind}: {path}")
-            click.echo("    time: " + ", ".join(f"{k} {v:.2f}s" for k, v in answer.timings.items() if v > 0))
+            note = ""
+            if together is not None and len(questions) > 1 and i == 1:
+                note = " (decode: the shared time of the answers decoded together)"
+            click.echo("    time: " + ", ".join(f"{k} {v:.2f}s" for k, v in answer.timings.items() if v > 0) + note)
     except (RuntimeInputError, ImagingError) as e:
         raise click.ClickException(str(e)) from e
     if out is not None:
