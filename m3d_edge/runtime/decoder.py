@@ -113,6 +113,19 @@ class Generated:
 
 # -- the cache ---------------------------------------------------------------------------------------------------
 
+def _cache_dtype(session: ort.InferenceSession):
+    return _NP_TYPES[next(i.type for i in session.get_inputs() if i.name == "past_key_values.0.key")]
+
+
+def _step_outputs(session: ort.InferenceSession, spec: DecoderSpec, batch: int):
+    """Preallocated decode-step outputs: (logits [B, 1, V], hidden [B, 1, H], their OrtValues). Bound once per
+    step and read without get_outputs."""
+    types = {o.name: _NP_TYPES[o.type] for o in session.get_outputs() if o.name in ("logits", "hidden_states")}
+    logits = np.zeros((batch, 1, spec.vocab_size), types["logits"])
+    hidden = np.zeros((batch, 1, spec.hidden_size), types["hidden_states"])
+    return logits, hidden, [ort.OrtValue.ortvalue_from_numpy(a) for a in (logits, hidden)]
+
+
 class KVCache:
     """Keys and values of every layer, [batch, kv, max_length, d] each, allocated once on `device`.
 
@@ -213,10 +226,9 @@ class Decoder:
             raise ValueError(f"decoder graph lacks inputs {sorted(missing)}; re-export it with m3d_edge.export.llm")
         self.session, self.spec, self.embeddings, self.device = session, spec, embeddings, device
         self.embed_dtype = _NP_TYPES[types["inputs_embeds"]]
-        capacity = cache.max_length if cache is not None else max_length or min(spec.context_length,
-                                                                                 DEFAULT_MAX_LENGTH)
         # `cache`: a batch-1 cache to use instead of a new one (a DecoderBatch row)
-        self.cache = cache or KVCache(spec, capacity, _NP_TYPES[types["past_key_values.0.key"]], device)
+        self.cache = cache or KVCache(spec, max_length or min(spec.context_length, DEFAULT_MAX_LENGTH),
+                                      _cache_dtype(session), device)
         # Bound once: the cache buffers never move (GroupQueryAttention appends in place), so a step only rebinds
         # its embeddings, the attention mask (a view of one preallocated row of ones) and, for one-position
         # steps, preallocated logits / hidden outputs read without get_outputs. Rebinding all 2L cache values and
@@ -224,11 +236,8 @@ class Decoder:
         self._binding = session.io_binding()
         self.cache.bind(self._binding)
         self._output_names = self.cache.output_names() + ["logits", "hidden_states"]
-        self._mask = np.ones((1, capacity), dtype=np.int64)
-        out_types = {o.name: _NP_TYPES[o.type] for o in session.get_outputs() if o.name in ("logits", "hidden_states")}
-        self._step_logits = np.zeros((1, 1, spec.vocab_size), out_types["logits"])
-        self._step_hidden = np.zeros((1, 1, spec.hidden_size), out_types["hidden_states"])
-        self._step_outputs = [ort.OrtValue.ortvalue_from_numpy(a) for a in (self._step_logits, self._step_hidden)]
+        self._mask = np.ones((1, self.cache.max_length), dtype=np.int64)
+        self._step_logits, self._step_hidden, self._step_outputs = _step_outputs(session, spec, 1)
 
     @classmethod
     def from_files(cls, decoder_onnx: str | Path, embeddings_npy: str | Path, spec: DecoderSpec, *,
@@ -343,11 +352,21 @@ class _Row:
                          stop_reason=self.reason)
 
 
-def _check_room(prompt_length: int, options: GenerationOptions, capacity: int) -> None:
+def _start(dec: Decoder, inputs_embeds: np.ndarray, past_length: int, options: GenerationOptions,
+           seg_token_id: Optional[int], logits_processor: Optional[LogitsProcessor]) -> tuple[_Row, int]:
+    """Prefill a prompt whose first `past_length` positions `dec`'s cache already holds; -> (its _Row, the first
+    token). Checks that the prompt and max_new_tokens fit the cache."""
+    if past_length > dec.cache.length:
+        raise ValueError(f"past_length {past_length} but the cache holds {dec.cache.length} positions; "
+                         f"restore the prefix into the cache first")
+    prompt_length = past_length + inputs_embeds.shape[1]
     needed = prompt_length + options.max_new_tokens - 1  # the last token is never fed
-    if needed > capacity:
+    if needed > dec.cache.max_length:
         raise ValueError(f"{needed} positions (prompt + max_new_tokens - 1) do not fit the KV cache "
-                         f"({capacity}); build the Decoder with a larger max_length")
+                         f"({dec.cache.max_length}); build the Decoder with a larger max_length")
+    row = _Row(options, seg_token_id, logits_processor, prompt_length)
+    dec.cache.length = past_length  # 0: a fresh prompt; stale rows need no clearing (the mask hides them)
+    return row, row.take(*dec.forward(inputs_embeds))
 
 
 @dataclass
@@ -364,20 +383,12 @@ class Stream:
 
     def __iter__(self) -> Iterator[int]:
         dec = self.decoder
-        if self.past_length > dec.cache.length:
-            raise ValueError(f"past_length {self.past_length} but the cache holds {dec.cache.length} positions; "
-                             f"restore the prefix into the cache first")
-        prompt_length = self.past_length + self.inputs_embeds.shape[1]
-        _check_room(prompt_length, self.options, dec.cache.max_length)
-        row = _Row(self.options, self.seg_token_id, self.logits_processor, prompt_length)
-        dec.cache.length = self.past_length  # 0: a fresh prompt; stale rows need no clearing (the mask hides them)
-        logits, hidden = dec.forward(self.inputs_embeds)
-        while True:
-            token = row.take(logits, hidden)
+        row, token = _start(dec, self.inputs_embeds, self.past_length, self.options, self.seg_token_id,
+                            self.logits_processor)
+        yield token
+        while not row.done:
+            token = row.take(*dec.forward(dec.embed([token])))
             yield token
-            if row.done:
-                break
-            logits, hidden = dec.forward(dec.embed([token]))
         self.result = row.result()
 
 
@@ -393,17 +404,12 @@ class DecoderBatch:
 
     def __init__(self, session: ort.InferenceSession, spec: DecoderSpec, embeddings: np.ndarray | NpyRows,
                  batch: int, *, max_length: int) -> None:
-        types = {i.name: i.type for i in session.get_inputs()}
-        dtype = _NP_TYPES[types["past_key_values.0.key"]]
         self.session, self.spec, self.batch = session, spec, batch
-        self.cache = KVCache(spec, max_length, dtype, "cpu", batch=batch)
+        self.cache = KVCache(spec, max_length, _cache_dtype(session), "cpu", batch=batch)
         self.rows = [Decoder(session, spec, embeddings, cache=self.cache.row(b)) for b in range(batch)]
         self._binding = session.io_binding()
         self.cache.bind(self._binding)
-        out_types = {o.name: _NP_TYPES[o.type] for o in session.get_outputs() if o.name in ("logits", "hidden_states")}
-        self._logits = np.zeros((batch, 1, spec.vocab_size), out_types["logits"])
-        self._hidden = np.zeros((batch, 1, spec.hidden_size), out_types["hidden_states"])
-        self._outputs = [ort.OrtValue.ortvalue_from_numpy(a) for a in (self._logits, self._hidden)]
+        self._logits, self._hidden, self._outputs = _step_outputs(session, spec, batch)
 
     def step(self, tokens: Sequence[int], lengths: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Feed token b at position lengths[b] of row b -> (logits [B, V], hidden [B, H]) float32."""
@@ -432,19 +438,12 @@ class DecoderBatch:
         processors = list(logits_processors or [None] * len(prompts))
         states, tokens, lengths = [], [], []
         for b, ((embeds, past), opts) in enumerate(zip(prompts, options)):
-            dec = self.rows[b]
-            if past > dec.cache.length:
-                raise ValueError(f"row {b}: past_length {past} but its cache holds {dec.cache.length} positions")
-            prompt_length = past + embeds.shape[1]
-            _check_room(prompt_length, opts, self.cache.max_length)
-            row = _Row(opts, seg_token_id, processors[b], prompt_length)
-            dec.cache.length = past
-            logits, hidden = dec.forward(embeds)
-            tokens.append(row.take(logits, hidden))
+            row, token = _start(self.rows[b], embeds, past, opts, seg_token_id, processors[b])
             if on_prefilled is not None:
                 on_prefilled(b)
             states.append(row)
-            lengths.append(prompt_length)
+            tokens.append(token)
+            lengths.append(row.prompt_length)
         last = self.cache.max_length - 1
         while not all(row.done for row in states):
             # a finished row is fed at its frozen length, or at the last position when it ended right at the cache's

@@ -373,7 +373,7 @@ class Pipeline:
         vol = self._read_timed(volume, timings)
         processors = list(logits_processors or [options.pop("logits_processor", None)] * len(questions))
         if batched and len(questions) > 1 and options.get("on_text") is None and self._pool[0].cache.host_visible:
-            generation_options = self._options(*(options.get(k) for k in generation))
+            generation_options = self._options(**{k: options.get(k) for k in generation})
             answers = self._answer_batch(vol, list(questions), generation_options, processors)
         else:
             answers = [self.ask(vol, q, logits_processor=p, **options) for q, p in zip(questions, processors)]
