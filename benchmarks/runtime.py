@@ -108,6 +108,12 @@ def numpy_processor(eos: list[int], seg_id: int, force_seg: bool) -> Callable[[n
     return proc
 
 
+def question_processors(pipe) -> list[Callable[[np.ndarray, np.ndarray], np.ndarray]]:
+    """numpy_processor for each of QUESTIONS, with the bundle's EOS and [SEG] ids."""
+    eos, seg_id = list(pipe.tokens["eos"]), int(pipe.tokens["seg"])
+    return [numpy_processor(eos, seg_id, i == SEG_QUESTION) for i in range(len(QUESTIONS))]
+
+
 # -- children: each prints one JSON line ----------------------------------------------------------------------------
 
 def child_runtime(args: argparse.Namespace) -> dict[str, Any]:
@@ -116,8 +122,7 @@ def child_runtime(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     pipe = Pipeline.load(args.bundle)
     load_s = time.perf_counter() - start
-    eos, seg_id = list(pipe.tokens["eos"]), int(pipe.tokens["seg"])
-    procs = [numpy_processor(eos, seg_id, i == SEG_QUESTION) for i in range(len(QUESTIONS))]
+    procs = question_processors(pipe)
     runs = []
     for run in range(args.repeat + 1):
         pipe.clear_cache()
@@ -155,8 +160,7 @@ def child_runtime_batched(args: argparse.Namespace) -> dict[str, Any]:
     from m3d_edge.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(args.bundle)
-    eos, seg_id = list(pipe.tokens["eos"]), int(pipe.tokens["seg"])
-    procs = [numpy_processor(eos, seg_id, i == SEG_QUESTION) for i in range(len(QUESTIONS))]
+    procs = question_processors(pipe)
     walls, decodes = [], []
     for run in range(args.repeat + 1):
         pipe.clear_cache()
