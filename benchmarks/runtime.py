@@ -233,6 +233,16 @@ def child_reference(args: argparse.Namespace, batched: bool = False) -> dict[str
                         scores[b, seg_id] = 0.0
             return scores
 
+    def seg_mask(x: torch.Tensor, patch: torch.Tensor, transform, seq: torch.Tensor, states: torch.Tensor):
+        """The official [SEG] rule for one generated row: seq [1, n] new tokens, states [1, n-1, H] (state j
+        predicts token j+1); the mean of the states that predicted [SEG] drives the seg module. None: no [SEG]."""
+        select = seq[:, 1:] == seg_id
+        if not bool(select.any()):
+            return None
+        seg_h = (states * select.unsqueeze(-1)).sum(1) / select.sum(1, keepdim=True)
+        logits = model.segment(x, seg_h, patch)  # [1, 1, 32, 256, 256]
+        return transform.invert_mask((torch.sigmoid(logits) > 0.5)[0, 0].numpy().astype(np.uint8))
+
     def answer(x: torch.Tensor, transform, question: str, force_seg: bool) -> dict[str, Any]:
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -250,12 +260,7 @@ def child_reference(args: argparse.Namespace, batched: bool = False) -> dict[str
             seq = out.sequences  # [1, n] new tokens only (generation from inputs_embeds)
             # official: the last layer's state of every step but the prompt pass; state j predicts token j+1
             states = torch.cat([hs[-1] for hs in out.hidden_states[1:]], dim=1)  # [1, n-1, H]
-            select = seq[:, 1:] == seg_id
-            mask = None
-            if bool(select.any()):
-                seg_h = (states * select.unsqueeze(-1)).sum(1) / select.sum(1, keepdim=True)
-                logits = model.segment(x, seg_h, patch)  # [1, 1, 32, 256, 256]
-                mask = transform.invert_mask((torch.sigmoid(logits) > 0.5)[0, 0].numpy().astype(np.uint8))
+            mask = seg_mask(x, patch, transform, seq, states)
             t3 = time.perf_counter()
         text = tok.decode(seq[0], skip_special_tokens=True)
         boxes = [transform.box_to_voxels(b).tolist() for b in parse_boxes(text)]
@@ -267,7 +272,7 @@ def child_reference(args: argparse.Namespace, batched: bool = False) -> dict[str
 
     def answer_together(x: torch.Tensor, transform) -> dict[str, Any]:
         """The four questions in one HF generate: vision once, prompts left-padded (HF derives the positions
-        from the attention mask), the [SEG] state per row as `answer` takes it."""
+        from the attention mask), each row's [SEG] state taken by seg_mask."""
         with torch.no_grad():
             patch = model.vision_features(x)
             image_tokens = model.mm_projector(patch)
@@ -284,15 +289,7 @@ def child_reference(args: argparse.Namespace, batched: bool = False) -> dict[str
                                      logits_processor=LogitsProcessorList(
                                          [Clock([i == SEG_QUESTION for i in range(len(QUESTIONS))])]))
             states = torch.cat([hs[-1] for hs in out.hidden_states[1:]], dim=1)  # [B, n-1, H]
-            masks = []
-            for b in range(len(rows)):
-                select = out.sequences[b:b + 1, 1:] == seg_id
-                if bool(select.any()):
-                    seg_h = (states[b:b + 1] * select.unsqueeze(-1)).sum(1) / select.sum(1, keepdim=True)
-                    logits = model.segment(x, seg_h, patch)
-                    masks.append(transform.invert_mask((torch.sigmoid(logits) > 0.5)[0, 0].numpy().astype(np.uint8)))
-                else:
-                    masks.append(None)
+            masks = [seg_mask(x, patch, transform, out.sequences[b:b + 1], states[b:b + 1]) for b in range(len(rows))]
         return {"ids": out.sequences.tolist(), "masks": masks}
 
     runs = []
