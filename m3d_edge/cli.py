@@ -274,13 +274,19 @@ def _run_stage(fn, *args) -> None:
         raise click.ClickException(str(e)) from e
 
 
+SEG_WARMUP_HELP = ("Steps of class-prompted seg alone before the CLIP loss, every key organ and lesion of one "
+                   "image per ViT pass (0: none, as phantom-small v1).")
+
+
 @train.command("clip")
 @_stage_options(360)
-def train_clip(data: str, out: str, steps: int, seed: int, progress: bool) -> None:
+@click.option("--seg-warmup-steps", default=0, show_default=True, type=click.IntRange(min=0), help=SEG_WARMUP_HELP)
+def train_clip(data: str, out: str, steps: int, seed: int, progress: bool, seg_warmup_steps: int) -> None:
     """M3D-CLIP: the phantom-small ViT against the MiniLM text encoder; writes OUT/clip.safetensors."""
     from m3d_edge.train.recipe import RecipeConfig, clip_stage
 
-    _run_stage(clip_stage, RecipeConfig(out=out, seed=seed, clip_steps=steps, progress=progress), data)
+    _run_stage(clip_stage, RecipeConfig(out=out, seed=seed, clip_steps=steps, seg_warmup_steps=seg_warmup_steps,
+                                        progress=progress), data)
 
 
 @train.command("align")
@@ -316,15 +322,20 @@ def train_instruct(data: str, out: str, steps: int, seed: int, progress: bool, m
 @click.option("--clip-steps", default=360, show_default=True, type=click.IntRange(min=1))
 @click.option("--align-steps", default=150, show_default=True, type=click.IntRange(min=1))
 @click.option("--instruct-steps", default=1500, show_default=True, type=click.IntRange(min=1))
+@click.option("--seg-warmup-steps", default=0, show_default=True, type=click.IntRange(min=0), help=SEG_WARMUP_HELP)
+@click.option("--lr-seg-instruct", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="The seg module's learning rate in stage 2 (default: that of the seg projector, 1e-3).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def train_recipe(name: str, out: str, data: str | None, n_cases: int, seed: int, clip_steps: int, align_steps: int,
-                 instruct_steps: int, progress: bool) -> None:
+                 instruct_steps: int, seg_warmup_steps: int, lr_seg_instruct: float | None, progress: bool) -> None:
     """Run synth -> clip -> align -> instruct end to end and save OUT/model (a compact checkpoint)."""
     from m3d_edge.train.recipe import RecipeConfig, run_recipe
 
     try:
         path = run_recipe(RecipeConfig(out=out, data=data, n_cases=n_cases, seed=seed, clip_steps=clip_steps,
-                                       align_steps=align_steps, instruct_steps=instruct_steps, progress=progress))
+                                       align_steps=align_steps, instruct_steps=instruct_steps,
+                                       seg_warmup_steps=seg_warmup_steps, lr_seg_instruct=lr_seg_instruct,
+                                       progress=progress))
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(str(path))

@@ -202,6 +202,85 @@ def test_clip_stage_with_seg_warm_up_lowers_both_losses(tmp_path):
     assert seg[-1] < seg[0] - 0.05, seg
 
 
+def _tiny_vision_pretraining(classes):
+    from transformers import BertConfig
+
+    from m3d_edge.config import ClipConfig
+    from m3d_edge.model.clip import M3DCLIP, build_text_encoder
+    from m3d_edge.model.segvol import SegVol
+    from m3d_edge.train.recipe import VisionPretraining
+
+    cfg = _shared_seg_tiny()
+    bert = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64).to_dict()
+    clip_cfg = ClipConfig(vision=cfg.vision, text_hf_config=bert, text_pooling="mean")
+    return VisionPretraining(M3DCLIP(clip_cfg, build_text_encoder(clip_cfg)), SegVol(cfg.seg, cfg.vision), classes,
+                             cfg.mm_hidden_size)
+
+
+def test_seg_warm_up_loss_is_one_tower_pass_per_image():
+    """Several masks of an image share one pass of the tower: the loss equals that of the image repeated once
+    per mask (the CLIP stage's one-mask-per-pass form)."""
+    from m3d_edge.train.recipe import class_seg_loss, seg_warmup_loss
+
+    torch.manual_seed(0)
+    model = _tiny_vision_pretraining(["liver", "spleen", "lesion"]).eval()
+    s = samples(4)
+    images = torch.stack([torch.from_numpy(x.image) for x in s[:2]])
+    masks = torch.stack([torch.from_numpy(s[i].mask if s[i].mask is not None else s[0].mask) for i in (0, 2, 0)])
+    classes, owner = torch.tensor([0, 2, 1]), torch.tensor([0, 0, 1])
+    with torch.no_grad():
+        loss, metrics = seg_warmup_loss(model, {"images": images, "seg_masks": masks, "seg_classes": classes,
+                                                "seg_owner": owner})
+        patches = model.clip.vision_encoder(images[owner])[:, 1:]
+        ref, ref_metrics = class_seg_loss(model, patches, masks, classes)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    assert metrics == pytest.approx(ref_metrics, rel=1e-5)
+
+
+def test_seg_sets_group_the_masks_of_each_image():
+    from m3d_edge.data.datasets import TaskItem
+    from m3d_edge.train.recipe import seg_sets
+
+    items = [TaskItem("seg", "a.npy", "q", "a", "a_lesion.npy", target="lesion"),
+             TaskItem("seg", "a.npy", "q", "a", "a_liver.npy", target="liver"),
+             TaskItem("seg", "a.npy", "q", "a", None, target="spleen"),  # not visible: no mask
+             TaskItem("seg", "b.npy", "q", "a", "b_aorta.npy", target="aorta"),
+             TaskItem("vqa_closed", "c.npy", "q", "a", target="A"),
+             TaskItem("seg", "c.npy", "q", "a", "c_spleen.npy", target="spleen")]
+    assert seg_sets(items, ("liver", "spleen", "lesion")) == [
+        ("a.npy", [("a_liver.npy", "liver"), ("a_lesion.npy", "lesion")]), ("c.npy", [("c_spleen.npy", "spleen")])]
+
+
+def test_seg_warm_up_lowers_the_seg_loss(tmp_path):
+    """The recipe's seg warm-up, run on files: Dice + BCE fall over ten steps on two images of two masks each, and
+    the run resumes as complete."""
+    from m3d_edge.train.recipe import RecipeConfig, train_seg_warmup
+
+    torch.manual_seed(0)
+    model = _tiny_vision_pretraining(["liver", "spleen"])
+    s = samples(4)
+    sets = []
+    for i in range(2):
+        image = tmp_path / f"img{i}.npy"
+        np.save(image, (0.3 * i + 0.1 + 0.05 * s[i].image).astype(np.float32))
+        pairs = []
+        for name, j in (("liver", 0), ("spleen", 2)):
+            mask = tmp_path / f"img{i}_{name}.npy"
+            np.save(mask, s[j].mask)
+            pairs.append((str(mask), name))
+        sets.append((str(image), pairs))
+    cfg = RecipeConfig(out=str(tmp_path), seg_warmup_steps=10, lr_seg=1e-3, mixed_precision="no", progress=False)
+    train_seg_warmup(cfg, model, sets, tmp_path / "warm")
+    log = [json.loads(line) for line in (tmp_path / "warm" / "log.jsonl").read_text().splitlines()]
+    seg = [r["dice_loss"] + r["bce_loss"] for r in log]
+    assert len(seg) == 10 and np.mean(seg[-2:]) < np.mean(seg[:2]) - 0.05, seg
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_seg_warmup(cfg, model, sets, tmp_path / "warm")  # complete: resumes at step 10 and trains nothing
+    assert len((tmp_path / "warm" / "log.jsonl").read_text().splitlines()) == 10
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_text_pooling_mean_is_the_masked_mean(tmp_path):
     from transformers import BertConfig
 

@@ -51,6 +51,9 @@ class RecipeConfig:
     clip_steps: int = 360
     clip_batch: int = 8
     clip_seg: bool = True  # train the seg module on the shared tower during the CLIP stage
+    # before the CLIP loss: steps of class-prompted seg alone, every key organ and lesion of one image per ViT pass
+    # (0 = none, as phantom-small v1; docs/training.md "Probes toward a v2")
+    seg_warmup_steps: int = 0
     align_steps: int = 150
     instruct_steps: int = 1500
     batch: int = 4
@@ -58,6 +61,9 @@ class RecipeConfig:
     lr_align: float = 1e-3
     lr_instruct: float = 2e-4
     lr_seg: float = 1e-3  # the seg module starts from scratch (docs/training.md: it learns at 1e-3)
+    # the seg module's rate in stage 2 (the seg projector keeps lr_seg); None: lr_seg (v1). A decoder that the
+    # warm-up already taught is fine-tuned slower while the [SEG] states it is prompted with are still untrained.
+    lr_seg_instruct: Optional[float] = None
     lora_r: int = 16
     train_vision: bool = False  # stage 2 trains the vision tower too (official); False caches its features
     mixed_precision: str = field(default_factory=lambda: "bf16" if cpu_supports_bf16() else "auto")
@@ -185,21 +191,74 @@ class VisionPretraining(nn.Module):
             nn.init.normal_(self.class_prompts.weight, std=0.02)
 
 
-def vision_loss(model: VisionPretraining, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+def class_seg_loss(model: VisionPretraining, patches: torch.Tensor, masks: torch.Tensor, classes: torch.Tensor,
+                   owner: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Dice + BCE of the class-prompted masks on the tower's patch tokens. `owner[m]` is the image of mask m
+    (default: mask m belongs to image m), so one pass of the tower serves several masks of an image."""
     from m3d_edge.model.lamed import dice_loss
 
+    grid = model.seg_module.tokens_to_grid(patches)
+    if owner is not None:
+        grid = grid[owner]
+    logits = model.seg_module.decode(grid, model.class_prompts(classes)).float()
+    dice = dice_loss(logits, masks)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, masks)
+    return dice + bce, {"dice_loss": float(dice.detach()), "bce_loss": float(bce.detach())}
+
+
+def vision_loss(model: VisionPretraining, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
     loss, metrics = stages.clip_loss(model.clip, batch)
     metrics["clip_loss"] = float(loss.detach())
     if "seg_images" in batch:
         patches = model.clip.vision_encoder(batch["seg_images"])[:, 1:]  # the LLM tower drops CLS the same way
-        logits = model.seg_module.decode(model.seg_module.tokens_to_grid(patches),
-                                         model.class_prompts(batch["seg_classes"])).float()
-        target = batch["seg_masks"]
-        dice = dice_loss(logits, target)
-        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
-        metrics.update(dice_loss=float(dice.detach()), bce_loss=float(bce.detach()))
-        loss = loss + dice + bce
+        seg, seg_metrics = class_seg_loss(model, patches, batch["seg_masks"], batch["seg_classes"])
+        metrics.update(seg_metrics)
+        loss = loss + seg
     return loss, metrics
+
+
+def seg_warmup_loss(model: VisionPretraining, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    """The seg warm-up: the tower runs once per image, the mask decoder once per mask of that image."""
+    patches = model.clip.vision_encoder(batch["images"])[:, 1:]
+    return class_seg_loss(model, patches, batch["seg_masks"], batch["seg_classes"], batch["seg_owner"])
+
+
+# The warm-up's classes: the organs the targets name, and the lesions the VQA and referring questions ask about.
+SEG_WARMUP_CLASSES = (*KEY_ORGANS, "lesion")
+
+
+def seg_sets(items: Sequence[TaskItem], classes: Sequence[str]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The seg items with a mask grouped by image: (image, [(mask, class), ...]) for the listed classes, in the
+    order of `classes`; images without any of them are left out."""
+    rank = {c: i for i, c in enumerate(classes)}
+    by_image: dict[str, list[tuple[str, str]]] = {}
+    for it in items:
+        if it.task == "seg" and it.mask is not None and it.target in rank:
+            by_image.setdefault(it.image, []).append((it.mask, it.target))
+    return [(image, sorted(masks, key=lambda m: rank[m[1]])) for image, masks in by_image.items()]
+
+
+def train_seg_warmup(cfg: RecipeConfig, model: VisionPretraining, sets: Sequence[tuple[str, list[tuple[str, str]]]],
+                     out: Path) -> None:
+    """Class-prompted seg alone on the shared tower, one image per step with all its masks (lr_seg for all)."""
+    classes = model.classes
+
+    def collate(batch):
+        masks, names, owner = [], [], []
+        for b, (_, pairs) in enumerate(batch):
+            for mask, name in pairs:
+                masks.append(torch.from_numpy(np.load(mask)).float())
+                names.append(classes.index(name))
+                owner.append(b)
+        return {"images": torch.stack([torch.from_numpy(np.load(image)) for image, _ in batch]),
+                "seg_masks": torch.stack(masks), "seg_classes": torch.tensor(names), "seg_owner": torch.tensor(owner)}
+
+    params = (list(model.clip.vision_encoder.parameters()) + list(model.seg_module.parameters())
+              + [model.class_prompts.weight])
+    _log(f"seg warm-up: {len(sets)} images, {cfg.seg_warmup_steps} steps of one image with its "
+         f"{'/'.join(SEG_WARMUP_CLASSES)} masks")
+    run(model, params, SampleList(list(sets)), collate, seg_warmup_loss,
+        _train_config(cfg, out, cfg.seg_warmup_steps, 1, cfg.lr_seg, 4))
 
 
 def _seg_pairs(items: Sequence[TaskItem], n: int, seed: int) -> list[tuple[str, str, str]]:
@@ -237,6 +296,13 @@ def train_clip(cfg: RecipeConfig, data: Path, out: Path) -> dict[str, dict[str, 
     model = VisionPretraining(clip, SegVol(model_cfg.seg, model_cfg.vision) if pairs else None, classes,
                               model_cfg.mm_hidden_size)
     samples = [(cap, pairs[i] if pairs else None) for i, cap in enumerate(draws)]
+    if cfg.seg_warmup_steps:
+        if not pairs:
+            raise ValueError(f"{data}: a seg warm-up needs seg masks and a seg module that shares the vision tower")
+        missing = sorted(set(SEG_WARMUP_CLASSES) - set(classes))
+        if missing:
+            raise ValueError(f"{data}: no training masks of {', '.join(missing)} for the seg warm-up")
+        train_seg_warmup(cfg, model, seg_sets(seg_items, SEG_WARMUP_CLASSES), out / "seg-warmup")
 
     def collate(batch):
         enc = tok([c.answer for c, _ in batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
@@ -350,9 +416,12 @@ def train_instruct(cfg: RecipeConfig, model, collate, items: Sequence[TaskItem],
     frozen_rows = model.cfg.im_patch_id * emb.weight.shape[1]  # pretrained embedding rows, gradient zeroed
     trainable = sum(p.numel() for p in params if p.requires_grad) - frozen_rows
     _log(f"instruct: {len(mix)} samples, {cfg.instruct_steps} steps, {trainable / 1e6:.1f} M trainable values")
-    seg_ids = {id(p) for m in (model.seg_module, model.seg_projector) for p in m.parameters()}
-    groups = [{"params": [p for p in params if id(p) not in seg_ids]},
-              {"params": [p for p in params if id(p) in seg_ids], "lr": cfg.lr_seg}]
+    projector_ids = {id(p) for p in model.seg_projector.parameters()}
+    module_ids = {id(p) for p in model.seg_module.parameters()}
+    module_lr = cfg.lr_seg if cfg.lr_seg_instruct is None else cfg.lr_seg_instruct
+    groups = [{"params": [p for p in params if id(p) not in projector_ids | module_ids]},
+              {"params": [p for p in params if id(p) in projector_ids], "lr": cfg.lr_seg},
+              {"params": [p for p in params if id(p) in module_ids], "lr": module_lr}]
     dataset = TaskDataset(mix, with_images=cache is None)
     run(model, groups, dataset, cache.wrap(collate) if cache else collate, stages.lamed_loss,
         _train_config(cfg, out, cfg.instruct_steps, cfg.batch, cfg.lr_instruct, 6))
