@@ -5,7 +5,7 @@
 #
 # Runs, each under `timeout`, within 8 minutes in all, writing a log per step under OUTDIR:
 #   1. pytest -m requires_cuda                        -> OUTDIR/pytest_requires_cuda.log
-#   2. python benchmarks/kernels.py --out OUTDIR       -> OUTDIR/kernels.log, kernels_benchmark.{json,md}
+#   2. python benchmarks/kernel_speed.py --out OUTDIR       -> OUTDIR/kernels.log, kernels_benchmark.{json,md}
 #   3. python benchmarks/tensorrt_check.py --out OUTDIR (only if the file exists) -> OUTDIR/tensorrt_check.log
 # Exit status: 0 if every step that ran passed, 1 if one failed or timed out, 2 if there is no usable GPU.
 set -u
@@ -61,7 +61,7 @@ python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch
     >"$OUT/versions.txt" 2>&1
 
 step "pytest -m requires_cuda" 240 pytest_requires_cuda.log python -m pytest -m requires_cuda -q -ra tests
-step "benchmarks/kernels.py" 180 kernels.log python benchmarks/kernels.py --out "$OUT"
+step "benchmarks/kernel_speed.py" 180 kernels.log python benchmarks/kernel_speed.py --out "$OUT"
 if [ -f benchmarks/tensorrt_check.py ]; then
     step "benchmarks/tensorrt_check.py" 240 tensorrt_check.log python benchmarks/tensorrt_check.py --out "$OUT"
 else

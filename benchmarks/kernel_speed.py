@@ -1,6 +1,9 @@
 """Time the Triton kernels against the torch op chains they replace, on one NVIDIA GPU.
 
-    python benchmarks/kernels.py [--out docs/] [--runs 50]
+    python benchmarks/kernel_speed.py [--out docs/] [--runs 50]
+
+(Not `kernels.py`: a script's own folder comes first on sys.path, and transformers imports the PyPI package
+`kernels`, which a benchmarks/kernels.py would shadow for every script in this folder.)
 
 For each case: warm-up, then the median of N runs timed with CUDA events; the bytes each kernel must move (model
 below); the achieved bandwidth as a share of the device's copy bandwidth, measured here with a large device-to-device
@@ -174,7 +177,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=50, help="timed runs per case (median reported)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs an NVIDIA GPU with CUDA; torch.cuda.is_available() is False here. "
+        print("benchmarks/kernel_speed.py needs an NVIDIA GPU with CUDA; torch.cuda.is_available() is False here. "
               "Run it on a GPU machine (benchmarks/gpu_check.sh OUTDIR does it with the tests).", file=sys.stderr)
         return 2
     import triton
