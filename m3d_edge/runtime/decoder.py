@@ -16,7 +16,9 @@ Several questions about one scan decode together (`DecoderBatch`, CPU): each row
 then every step runs all rows in one call with a right-padded attention mask, and GroupQueryAttention writes each
 row's new keys at that row's own length (tested: the same logits as the rows decoded one by one). A step at batch
 4 costs ~1.6x a step at batch 1 on 2 cores (the 4-bit weights are read once for the four rows). Prompts are never
-left-padded.
+left-padded. With float weights the rows are bit-identical to one-by-one decoding; a 4-bit decoder with int8
+activations is not: ORT's one-row and several-row kernels differ in the last bits, which activation rounding can
+carry to ~2% of the logits (docs/runtime.md, Measured).
 """
 
 from __future__ import annotations
