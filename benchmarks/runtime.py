@@ -1,6 +1,7 @@
 """The slim runtime (int4 bundle, ONNX Runtime) against the official-style PyTorch/HF pipeline and llama.cpp, on CPU.
 
-    python benchmarks/runtime.py [--out docs] [--repeat 3] [--new-tokens 64] [--soak 100] [--work DIR] [--llm int4-q41]
+    python benchmarks/runtime.py [--out docs] [--repeat 3] [--pairs 3] [--new-tokens 64] [--soak 100] [--work DIR]
+                                 [--llm int4-q41]
 
 One model for all: phantom-small (models/phantom-small when it exists, else the preset with seed 0: random vision
 and seg weights, real SmolLM2-135M). One scan: phantom case 0 written as NIfTI. One set of prompts: the four
@@ -25,6 +26,9 @@ Each pipeline runs in its own subprocess (so peak RSS, ru_maxrss, is its own), w
   (not what the official code does; the fair counterpart of runtime_batched).
 - llama.cpp (llama-cpp-python) on the SmolLM2 GGUF: decode tokens/s only (it cannot take the image tokens), text
   prompts of the same questions, n_threads = cores.
+- paired rounds (`--pairs`): the runtime, the reference and llama.cpp again, back to back, one timed run each, the
+  order rotated round by round; the end-to-end and decode ratios are taken within each round and their median
+  reported, because the machine's speed drifts over the minutes that separate the main children.
 - soak: the runtime answers `--soak` questions in a row (the four prompts in turn, 32 new tokens, [SEG] forced on
   the segmentation one), RSS (VmRSS) read after each. Every four questions the scan is read again with the scan
   cache cleared, as a new patient's would be: the vision graph, the image prefill and the mask decoder run again.
@@ -454,9 +458,10 @@ def prepare(work: Path, int4: str) -> tuple[dict[str, Path], Path, str]:
     return bundles, scan, source
 
 
-def run_child(name: str, args: argparse.Namespace, bundle_dir: Path, scan: Path, tag: str) -> dict[str, Any]:
+def run_child(name: str, args: argparse.Namespace, bundle_dir: Path, scan: Path, tag: str,
+              repeat: int | None = None) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", name, "--bundle", str(bundle_dir), "--scan", str(scan),
-           "--repeat", str(args.repeat), "--new-tokens", str(args.new_tokens), "--soak", str(args.soak),
+           "--repeat", str(repeat or args.repeat), "--new-tokens", str(args.new_tokens), "--soak", str(args.soak),
            "--work", str(args.work), "--tag", tag]
     print(f"[bench] {tag} ...", flush=True)
     start = time.perf_counter()
@@ -481,6 +486,28 @@ def dice_files(a: str | None, b: str | None) -> float | None:
     x, y = np.load(a) > 0, np.load(b) > 0
     total = int(x.sum() + y.sum())
     return 1.0 if total == 0 else round(2 * int((x & y).sum()) / total, 4)
+
+
+def paired_rounds(args: argparse.Namespace, bundles: dict[str, Path], scan: Path, llamacpp: bool) -> dict[str, Any]:
+    """`--pairs` rounds of runtime, reference and llama.cpp children run back to back (one timed run each after a
+    warm-up), the order rotated every round. The machine's speed drifts over the minutes between the main children
+    (llama.cpp alone moved 84 -> 104 tokens/s between two runs of this script); within a round the three run
+    within about two minutes, so the ratio taken round by round is the steadier figure."""
+    names = ["runtime", "reference"] + (["llamacpp"] if llamacpp else [])
+    rounds = []
+    for i in range(args.pairs):
+        order = names[i % len(names):] + names[:i % len(names)]
+        got = {n: run_child(n, args, bundles[args.llm], scan, tag=f"round {i + 1}: {n}", repeat=1) for n in order}
+        r = {"order": order, "e2e_s": {n: got[n]["e2e_s"] for n in names if n != "llamacpp"},
+             "decode_tokens_per_s": {n: got[n]["decode_tokens_per_s"] for n in names}}
+        r["e2e_speedup"] = r["e2e_s"]["reference"] / r["e2e_s"]["runtime"]
+        if llamacpp:
+            r["decode_runtime_over_llamacpp"] = (r["decode_tokens_per_s"]["runtime"]
+                                                 / r["decode_tokens_per_s"]["llamacpp"])
+        rounds.append(r)
+    keys = ["e2e_speedup"] + (["decode_runtime_over_llamacpp"] if llamacpp else [])
+    return {"rounds": rounds, **{k: {"median": median([r[k] for r in rounds]), "min": min(r[k] for r in rounds),
+                                     "max": max(r[k] for r in rounds)} for k in keys}}
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -535,6 +562,17 @@ def markdown(res: dict[str, Any]) -> str:
                      f"{lc['decode_tokens_per_s']:.1f} tokens/s (runtime/llama.cpp = "
                      f"{rt['decode_tokens_per_s'] / lc['decode_tokens_per_s']:.2f}); llama.cpp peak RSS "
                      f"{lc['peak_rss_mb']:.0f} MB.\n")
+    paired = res.get("paired")
+    if paired:
+        n = len(paired["rounds"])
+        parts = [f"end-to-end runtime vs reference {paired['e2e_speedup']['median']:.1f}x "
+                 f"({paired['e2e_speedup']['min']:.1f}-{paired['e2e_speedup']['max']:.1f}x)"]
+        if "decode_runtime_over_llamacpp" in paired:
+            d = paired["decode_runtime_over_llamacpp"]
+            parts.append(f"decode runtime/llama.cpp {d['median']:.2f} ({d['min']:.2f}-{d['max']:.2f})")
+        lines.append(f"Paired rounds ({n}; in each, the runtime, the reference and llama.cpp one after another, one "
+                     f"timed run each, the order rotated; the ratio taken within each round, then the median, "
+                     f"min-max in brackets): " + "; ".join(parts) + ".\n")
     for name, label in (("runtime_fp32", "Runtime with the fp32 bundle"), ("runtime", "Runtime int4")):
         agree = res["agreement"][name]
         lines.append(f"{label} vs reference fp32, same prompts: identical tokens per question " +
@@ -572,6 +610,8 @@ def main() -> None:
     p.add_argument("--soak", type=int, default=100,
                    help="questions in a row for the RSS growth check (a multiple of 4, at least 16)")
     p.add_argument("--work", default=None, help="folder for the bundle and the scan [default: a temp folder]")
+    p.add_argument("--pairs", type=int, default=3,
+                   help="paired rounds (runtime, reference, llama.cpp back to back) for the ratios; 0: none")
     p.add_argument("--llm", default="int4-q41", choices=("int4-q41", "int4-rtn", "int4-hqq"),
                    help="the 4-bit bundle to measure")
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
@@ -601,6 +641,8 @@ def main() -> None:
                              ("reference_batched", "reference_batched", None), ("llamacpp", "llamacpp", None),
                              ("soak", "soak", args.llm)):
         res[name] = run_child(child, args, bundles[llm or args.llm], scan, tag=name)
+    if args.pairs:
+        res["paired"] = paired_rounds(args, bundles, scan, llamacpp="missing" not in res["llamacpp"])
     res["load_before"], res["load_after"] = load_before, [round(v, 2) for v in os.getloadavg()]
     res["other_cpu_cores"] = other_cpu.cores()  # the load average would count our own children too
     res["busy"] = res["other_cpu_cores"] > BUSY_CORES
