@@ -195,6 +195,9 @@ def run(scan: str, questions: tuple[str, ...], bundle_dir: str | None, out_dir: 
             if not stream:
                 click.echo(f"Q{i}: {question}\nA{i}: {answer.text}", nl=False)
             click.echo("")
+            if not answer.text.strip():
+                click.echo(f"    (empty answer: {len(answer.token_ids)} new token(s), stop reason "
+                           f"{answer.stop_reason!r}; no [SEG], so no mask)")
             for box in answer.boxes:
                 lo, hi = box.patient_mm
                 click.echo(f"    box voxels (z0,y0,x0,z1,y1,x1) {list(box.voxels)}; LPS mm "

@@ -27,7 +27,8 @@ q41   4-bit, asymmetric, llama.cpp's Q4_1 fitted into MatMulNBits: per block, s 
       LoRA branch into the same MatMuls (x @ [A | S] @ [s B ; offsets]) saved nodes but no time, so it was
       not kept; nor was merging gate and up into one MatMulNBits (N = 2 x 1536, one offset MatMul, a Split)
       on top of it (943 -> 703 nodes; decode step 11.6 against 11.4 ms, medians of 10 paired whole-process
-      runs, AMD EPYC 2 cores, 2026-12-04: the small MatMuls are bound by the bytes of their float factors). Two other ways out, measured on phantom-small (2 cores) and not kept either: float zero points
+      runs, AMD EPYC 2 cores, 2026-12-04), nor 8-bit right-hand factors (4x fewer bytes, no faster). Two
+      other ways out, measured on phantom-small (2 cores) and not kept either: float zero points
       z - offset / s (MatMulNBits' T-typed zero_points) hold the block exactly but ORT has no fast CPU path for
       them (94 ms per token against 11); widening K instead (block sums and x @ A^T appended to the input,
       offsets and s B as extra 4-bit rows of the same MatMulNBits) decoded 9% faster but rounds the offsets to
