@@ -612,7 +612,7 @@ def main() -> None:
     p.add_argument("--work", default=None, help="folder for the bundle and the scan [default: a temp folder]")
     p.add_argument("--pairs", type=int, default=3,
                    help="paired rounds (runtime, reference, llama.cpp back to back) for the ratios; 0: none")
-    p.add_argument("--llm", default="int4-q41", choices=("int4-q41", "int4-rtn", "int4-hqq"),
+    p.add_argument("--llm", default="int4-q41", choices=("int4-q41", "int4-q41-lora8", "int4-rtn", "int4-hqq"),
                    help="the 4-bit bundle to measure")
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     p.add_argument("--bundle", help=argparse.SUPPRESS)

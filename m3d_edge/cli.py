@@ -350,7 +350,8 @@ def train_recipe(name: str, out: str, data: str | None, n_cases: int, seed: int,
 @click.option("--llm", "llm", default=DEFAULT_LLM, show_default=True, type=click.Choice(list(LLM_PRECISIONS)),
               help="LLM weight precision (int4-q41: Q4_1 blocks, int8 LM head, exact on SmolLM2; int4-gptq: "
                    "calibrated on phantom scans + prompts; a merged LoRA stays a float branch beside the 4-bit "
-                   "base: docs/export.md).")
+                   "base, except with int4-q41-lora8, which stores the projections it changed at 8 bits: "
+                   "docs/export.md).")
 @click.option("--vision", "vision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
               help="Vision and segmentation graph precision.")
 @click.option("--tensorrt/--no-tensorrt", default=False, help="Also build TensorRT engines (needs an NVIDIA GPU).")

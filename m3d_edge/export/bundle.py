@@ -158,7 +158,8 @@ def _export_decoder(model: LaMed, tokenizer: Any, tmp: Path,
 def lower_decoder(model: LaMed, src: Path, dst: Path, precision: str, *, lm_head: Optional[str] = None,
                   tokenizer: Any = None) -> dict[str, Any]:
     """The fp32 decoder.onnx of `model` at `src` -> `precision` (fp16 or int4-*) at `dst` (+ .data); `src` is not
-    changed. At 4 bits a merged LoRA goes back to a float branch beside the quantized base first (export.lora);
+    changed. At 4 bits a merged LoRA goes back to a float branch beside the quantized base first (export.lora),
+    except for int4-q41-lora8, which keeps the projections it changed merged and stores them at 8 bits;
     int4-gptq calibrates on scans + prompts (m3d_edge.calibration) made with `tokenizer` (None: the stand-in).
     Returns the manifest's `quantization` record."""
     if precision == "fp16":
@@ -169,6 +170,17 @@ def lower_decoder(model: LaMed, src: Path, dst: Path, precision: str, *, lm_head
     if method == "gptq":
         feeds = calibration.decoder_feeds(model, tokenizer or llm_export.stand_in_tokenizer(model))
         calibration_feeds, extra["calibration"] = feeds.feeds, feeds.record
+    if method == "q41-lora8":  # the adapted projections merged, at 8 bits; everything else q41
+        import onnx
+
+        adapted = (lora_export.adapted_matmuls(onnx.load(str(src), load_external_data=False), model.merged_lora,
+                                               model.base_llm) if model.merged_lora is not None else [])
+        quant = quantize.quantize_decoder(src, dst, method="q41", lm_head=lm_head, eight_bit=adapted)
+        if model.merged_lora is not None:
+            extra["lora"] = {"kept": "merged into 8-bit blocks", "rank": model.merged_lora.rank,
+                             "scaling": model.merged_lora.scaling, "modules": len(model.merged_lora.factors),
+                             "matmuls": len(adapted)}
+        return {**quant, **extra, "method": "q41-lora8"}
     if model.merged_lora is None:
         quant = quantize.quantize_decoder(src, dst, method=method, lm_head=lm_head, calibration=calibration_feeds)
         return {**quant, **extra}

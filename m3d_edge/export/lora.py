@@ -89,6 +89,13 @@ def split_adapter(model: ModelProto, lora: MergedLora, llm: nn.Module) -> dict[s
             "modules": len(lora.factors), "matmuls_with_branch": len(groups)}
 
 
+def adapted_matmuls(model: ModelProto, lora: MergedLora, llm: nn.Module) -> list[str]:
+    """The MatMul nodes of the float decoder `model` whose weights the adapter changed (q|k|v packed count once),
+    for the export that keeps them merged at 8 bits instead of splitting the adapter out (int4-q41-lora8)."""
+    nodes = {n.name: n for n in model.graph.node}
+    return sorted({_locate(module, nodes, llm)[0] for module in lora.factors})
+
+
 def _locate(module: str, nodes: dict, llm: nn.Module) -> tuple[str, int, int]:
     """The MatMul node holding `module`'s weight and its column range [first, end)."""
     match = _MODULE.fullmatch(module)

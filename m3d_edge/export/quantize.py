@@ -58,13 +58,15 @@ _LM_HEAD_BITS = {"int8": 8, "int4": 4, "fp32": None}
 
 def quantize_decoder(src: str | Path, dst: str | Path, *, method: str = "q41", block_size: int = BLOCK_SIZE,
                      symmetric: bool = True, accuracy_level: int = 4, lm_head: Optional[str] = None,
-                     calibration: Optional[Sequence[Mapping[str, Any]]] = None) -> dict[str, Any]:
+                     calibration: Optional[Sequence[Mapping[str, Any]]] = None,
+                     eight_bit: Sequence[str] = ()) -> dict[str, Any]:
     """Quantize the MatMuls of decoder.onnx at `src` into `dst` (+ `dst`.data). Returns every choice made, for the
     manifest's `quantization` entry.
 
     symmetric: rtn only (q41, hqq and gptq are asymmetric). lm_head: one of LM_HEAD_POLICIES, None for the
     method's default (DEFAULT_LM_HEAD). calibration: gptq only, the decoder's input feeds
-    (`m3d_edge.calibration.decoder_feeds(...).feeds`)."""
+    (`m3d_edge.calibration.decoder_feeds(...).feeds`). eight_bit: q41 only, MatMul nodes to store as 8-bit
+    symmetric blocks (sym8) instead (int4-q41-lora8: the projections a merged LoRA changed)."""
     import onnx
 
     if method not in METHODS:
@@ -82,9 +84,12 @@ def quantize_decoder(src: str | Path, dst: str | Path, *, method: str = "q41", b
     if lm_head != "int4" and LM_HEAD_NODE not in matmuls:
         raise ValueError(f"{src}: no node named {LM_HEAD_NODE}; cannot give the LM head its own precision "
                          f"(lm_head={lm_head!r}); use lm_head='int4'")
+    unknown = sorted(set(eight_bit) - set(matmuls) - {LM_HEAD_NODE})
+    if unknown or (eight_bit and method != "q41"):
+        raise ValueError(f"eight_bit takes q41 MatMul nodes of {src}; got {unknown[:3] or method}")
     if method == "q41":
         symmetric = False
-        plan = {name: "q41" for name in matmuls if name != LM_HEAD_NODE}
+        plan = {name: "sym8" if name in eight_bit else "q41" for name in matmuls if name != LM_HEAD_NODE}
         head_scheme = {"int8": "sym8", "int4": "q41", "fp32": None}[lm_head]
         if head_scheme and LM_HEAD_NODE in matmuls:
             plan[LM_HEAD_NODE] = head_scheme
@@ -119,6 +124,7 @@ def quantize_decoder(src: str | Path, dst: str | Path, *, method: str = "q41", b
             "lm_head_bits": _LM_HEAD_BITS[lm_head],
             "quantize_lm_head": lm_head != "fp32", "matmuls_quantized": done,
             "matmuls_kept_float": len(matmuls) - done, "lora_branch_matmuls": len(branch), "offset_terms": offsets,
+            "eight_bit_matmuls": len(eight_bit),
             "embeddings": "embeddings.npy float16 (outside the graph)", "library": library}
 
 
