@@ -692,6 +692,14 @@ def test_4bit_decoder_keeps_the_trained_lora_apart(tmp_path):
     assert errors["merged"] > 100 * errors["kept apart"], errors
     # int4-q41-lora8: the adapted projections re-rounded at 8 bits keep most of the tuning that 4 bits lose
     assert errors["merged, 8-bit"] < min(0.03, errors["merged"] / 5), errors  # measured 0.011 (0.61 merged)
+    # the bundle path (default accuracy level and head): the same 60 MatMuls at 8 bits, no branch, recorded
+    dst = tmp_path / "lora8" / "decoder.onnx"
+    record = bundle_export.lower_decoder(model, fp32, dst, "int4-q41-lora8")
+    assert (record["method"], record["eight_bit_matmuls"], record["lora_branch_matmuls"]) == ("q41-lora8", 60, 0)
+    assert record["lora"]["matmuls"] == 60 and record["lora"]["rank"] == 16
+    eight = [n.name for n in onnx.load(str(dst), load_external_data=False).graph.node
+             if n.op_type == "MatMulNBits" and next(a.i for a in n.attribute if a.name == "bits") == 8]
+    assert sorted(eight) == sorted([a + "_Q8" for a in adapted] + [quantize.LM_HEAD_NODE + "_Q8"])
 
 
 def test_library_imports_leave_the_root_logger_alone(tmp_path, monkeypatch):
