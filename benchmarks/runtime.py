@@ -1,7 +1,7 @@
 """The slim runtime (int4 bundle, ONNX Runtime) against the official-style PyTorch/HF pipeline and llama.cpp, on CPU.
 
     python benchmarks/runtime.py [--out docs] [--repeat 3] [--pairs 3] [--new-tokens 64] [--soak 100] [--work DIR]
-                                 [--llm int4-q41]
+                                 [--llm int4-q41-lora8]
 
 One model for all: phantom-small (models/phantom-small when it exists, else the preset with seed 0: random vision
 and seg weights, real SmolLM2-135M). One scan: phantom case 0 written as NIfTI. One set of prompts: the four
@@ -13,7 +13,8 @@ both pipelines (the untrained preset never writes it), so the mask path is alway
 Each pipeline runs in its own subprocess (so peak RSS, ru_maxrss, is its own), with one warm-up run and
 `--repeat` timed runs; figures are medians.
 
-- runtime: m3d_edge.runtime.Pipeline on the 4-bit bundle (`--llm`, default int4-q41, the export default). A run = the scan file -> four answers, cold (scan
+- runtime: m3d_edge.runtime.Pipeline on the 4-bit bundle (`--llm`, default int4-q41-lora8, the export
+  default). A run = the scan file -> four answers, cold (scan
   cache cleared): read, preprocess and vision once, the image-prefix KV reused for questions 2-4.
 - runtime_batched: the same, the four questions decoded together (`Pipeline.ask_many`, one ORT run per step for
   all four rows; the default of `m3d-edge run` without --stream); its token ids are compared with runtime's.
@@ -612,7 +613,7 @@ def main() -> None:
     p.add_argument("--work", default=None, help="folder for the bundle and the scan [default: a temp folder]")
     p.add_argument("--pairs", type=int, default=3,
                    help="paired rounds (runtime, reference, llama.cpp back to back) for the ratios; 0: none")
-    p.add_argument("--llm", default="int4-q41", choices=("int4-q41", "int4-q41-lora8", "int4-rtn", "int4-hqq"),
+    p.add_argument("--llm", default="int4-q41-lora8", choices=("int4-q41", "int4-q41-lora8", "int4-rtn", "int4-hqq"),
                    help="the 4-bit bundle to measure")
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     p.add_argument("--bundle", help=argparse.SUPPRESS)

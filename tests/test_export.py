@@ -528,7 +528,7 @@ def test_q41_bundle_records_its_choices(tmp_path):
     path = bundle_export.build("preset:tiny", tmp_path / "b", llm="int4-q41", progress=False)
     m = json.loads((path / "manifest.json").read_text())
     q = m["quantization"]
-    assert m["components"]["decoder"]["precision"] == "int4-q41" and bundle_export.DEFAULT_LLM == "int4-q41"
+    assert m["components"]["decoder"]["precision"] == "int4-q41" and bundle_export.DEFAULT_LLM == "int4-q41-lora8"
     assert (q["method"], q["zero_points"], q["block_offsets"], q["lm_head"]) == ("q41", "uint4", "float32", "int8")
     assert q["matmuls_kept_float"] == 0 and "lora" not in q and bundle_reader.load(path, verify=True)
 

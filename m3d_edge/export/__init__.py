@@ -14,12 +14,14 @@ from types import ModuleType
 from typing import Callable
 
 LLM_PRECISIONS = ("int4-q41", "int4-q41-lora8", "int4-rtn", "int4-hqq", "int4-gptq", "fp32", "fp16")
-DEFAULT_LLM = "int4-q41"
+DEFAULT_LLM = "int4-q41-lora8"
 # int4-q41 stores SmolLM2's Q4_1 weights exactly and keeps a merged LoRA beside them as a float branch
 # (export.lora), so the trained model's answers survive: phantom-small +0.55% perplexity from the int8
 # activations, 24% of fp32's bytes (docs/export.md). int4-rtn decodes faster but re-rounds the base (+72%).
-# int4-q41-lora8 keeps the adapted projections (q|k|v, o) merged at 8 bits instead of a float branch: ~10% faster
-# decode, perplexity as good; not the default until the runtime benchmark has measured it (docs/export.md).
+# int4-q41-lora8, the default since 2026-12-04: the same, but the projections the LoRA changed (q|k|v, o) stay
+# merged and are stored at 8 bits instead of a float branch: decode 5-10% faster step for step, perplexity +0.91%
+# against q41's +1.17%, closer to the fp32 bundle's answers (docs/export.md, docs/runtime.md). Without a LoRA it
+# is int4-q41.
 # What the export writes for a given checkpoint; bumped whenever that changes, so that cached default bundles
 # (`m3d-edge run` without --bundle) are rebuilt. 2: ViT attention traced in query chunks (export.onnx).
 EXPORT_REVISION = 2
