@@ -692,6 +692,10 @@ def test_4bit_decoder_keeps_the_trained_lora_apart(tmp_path):
     assert errors["merged"] > 100 * errors["kept apart"], errors
     # int4-q41-lora8: the adapted projections re-rounded at 8 bits keep most of the tuning that 4 bits lose
     assert errors["merged, 8-bit"] < min(0.03, errors["merged"] / 5), errors  # measured 0.011 (0.61 merged)
+    for bad in ([quantize.LM_HEAD_NODE], ["/model/layers.0/attn/none/MatMul"]):  # the head's precision is lm_head=
+        with pytest.raises(ValueError, match="eight_bit takes q41 MatMul nodes"):
+            quantize.quantize_decoder(fp32, tmp_path / "bad" / "decoder.onnx", eight_bit=bad)
+    assert not (tmp_path / "bad").exists()
     # the bundle path (default accuracy level and head): the same 60 MatMuls at 8 bits, no branch, recorded
     dst = tmp_path / "lora8" / "decoder.onnx"
     record = bundle_export.lower_decoder(model, fp32, dst, "int4-q41-lora8")

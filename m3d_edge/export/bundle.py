@@ -170,24 +170,21 @@ def lower_decoder(model: LaMed, src: Path, dst: Path, precision: str, *, lm_head
     if method == "gptq":
         feeds = calibration.decoder_feeds(model, tokenizer or llm_export.stand_in_tokenizer(model))
         calibration_feeds, extra["calibration"] = feeds.feeds, feeds.record
-    if method == "q41-lora8":  # the adapted projections merged, at 8 bits; everything else q41
-        import onnx
-
-        adapted = (lora_export.adapted_matmuls(onnx.load(str(src), load_external_data=False), model.merged_lora,
-                                               model.base_llm) if model.merged_lora is not None else [])
-        quant = quantize.quantize_decoder(src, dst, method="q41", lm_head=lm_head, eight_bit=adapted)
-        if model.merged_lora is not None:
-            extra["lora"] = {"kept": "merged into 8-bit blocks", "rank": model.merged_lora.rank,
-                             "scaling": model.merged_lora.scaling, "modules": len(model.merged_lora.factors),
-                             "matmuls": len(adapted)}
-        return {**quant, **extra, "method": "q41-lora8"}
-    if model.merged_lora is None:
-        quant = quantize.quantize_decoder(src, dst, method=method, lm_head=lm_head, calibration=calibration_feeds)
-        return {**quant, **extra}
+    lora = model.merged_lora
     import onnx
 
+    if method == "q41-lora8":  # the adapted projections stay merged, at 8 bits; everything else q41
+        adapted = ([] if lora is None else
+                   lora_export.adapted_matmuls(onnx.load(str(src), load_external_data=False), lora, model.base_llm))
+        quant = quantize.quantize_decoder(src, dst, method="q41", lm_head=lm_head, eight_bit=adapted)
+        if lora is not None:
+            extra["lora"] = lora_export.record(lora, "merged into 8-bit blocks", matmuls=len(adapted))
+        return {**quant, **extra, "method": method}
+    if lora is None:
+        quant = quantize.quantize_decoder(src, dst, method=method, lm_head=lm_head, calibration=calibration_feeds)
+        return {**quant, **extra}
     proto = onnx.load(str(src))
-    adapter = lora_export.split_adapter(proto, model.merged_lora, model.base_llm)
+    adapter = lora_export.split_adapter(proto, lora, model.base_llm)
     split = dst.parent / ".decoder-lora-apart" / src.name
     split.parent.mkdir(parents=True, exist_ok=True)
     try:

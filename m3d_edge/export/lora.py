@@ -85,8 +85,12 @@ def split_adapter(model: ModelProto, lora: MergedLora, llm: nn.Module) -> dict[s
         ordered += [node, *branches.get(node.name, ())]
     del graph.node[:]
     graph.node.extend(ordered)
-    return {"kept": "float branch beside the quantized base", "rank": lora.rank, "scaling": lora.scaling,
-            "modules": len(lora.factors), "matmuls_with_branch": len(groups)}
+    return record(lora, "float branch beside the quantized base", matmuls_with_branch=len(groups))
+
+
+def record(lora: MergedLora, kept: str, **counts: int) -> dict[str, Any]:
+    """The manifest's `lora` record: how the adapter was kept, its rank, scaling and module count, and `counts`."""
+    return {"kept": kept, "rank": lora.rank, "scaling": lora.scaling, "modules": len(lora.factors), **counts}
 
 
 def adapted_matmuls(model: ModelProto, lora: MergedLora, llm: nn.Module) -> list[str]:

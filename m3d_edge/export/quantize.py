@@ -84,7 +84,7 @@ def quantize_decoder(src: str | Path, dst: str | Path, *, method: str = "q41", b
     if lm_head != "int4" and LM_HEAD_NODE not in matmuls:
         raise ValueError(f"{src}: no node named {LM_HEAD_NODE}; cannot give the LM head its own precision "
                          f"(lm_head={lm_head!r}); use lm_head='int4'")
-    unknown = sorted(set(eight_bit) - set(matmuls) - {LM_HEAD_NODE})
+    unknown = sorted(set(eight_bit) - (set(matmuls) - {LM_HEAD_NODE}))  # the head's precision is lm_head=
     if unknown or (eight_bit and method != "q41"):
         raise ValueError(f"eight_bit takes q41 MatMul nodes of {src}; got {unknown[:3] or method}")
     if method == "q41":
@@ -124,7 +124,7 @@ def quantize_decoder(src: str | Path, dst: str | Path, *, method: str = "q41", b
             "lm_head_bits": _LM_HEAD_BITS[lm_head],
             "quantize_lm_head": lm_head != "fp32", "matmuls_quantized": done,
             "matmuls_kept_float": len(matmuls) - done, "lora_branch_matmuls": len(branch), "offset_terms": offsets,
-            "eight_bit_matmuls": len(eight_bit),
+            "eight_bit_matmuls": len(set(eight_bit)),
             "embeddings": "embeddings.npy float16 (outside the graph)", "library": library}
 
 
