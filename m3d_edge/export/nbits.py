@@ -33,6 +33,8 @@ q41   4-bit, asymmetric, llama.cpp's Q4_1 fitted into MatMulNBits: per block, s 
       them (94 ms per token against 11); widening K instead (block sums and x @ A^T appended to the input,
       offsets and s B as extra 4-bit rows of the same MatMulNBits) decoded 9% faster but rounds the offsets to
       4 bits: perplexity +1.2% of fp32 against q41's +0.55% (+0.8% and no faster with a second residual row).
+      What the float terms cost is per-node work, not bytes (8-bit offsets: no faster; dropping them: 15-20%
+      faster and inexact): docs/runtime.md, "What the float terms of int4-q41-lora8 cost".
 sym8  8-bit, symmetric: s = max|w| / 127, codes round(w / s) + 128, no zero-point input. llama.cpp's Q8_0
       (block 32, the same rule) comes back exactly: SmolLM2's tied embedding / LM head is Q8_0 in the GGUF.
 
