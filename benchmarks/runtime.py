@@ -353,6 +353,8 @@ def child_llamacpp(args: argparse.Namespace) -> dict[str, Any]:
     # n_batch=1: this llama-cpp-python build (0.3.36, AVX-512/AMX CPU backend) dies with SIGSEGV in llama_decode on
     # any batch of more than one token here, so the prompt is fed token by token. Decode (one token per call) is
     # what is compared and is unaffected; llama.cpp's prefill / first-token time is therefore not reported.
+    # (0.3.36 built from source on an AVX2-only AMD EPYC, 2026-12-04, ran a 19-token batch without crashing; n_batch=1
+    # stays so that both machines measure the same way.)
     llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=512, n_batch=1,
                 verbose=False)
     load_s = time.perf_counter() - start
