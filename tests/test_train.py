@@ -156,6 +156,25 @@ def test_cached_vision_features_give_the_same_loss(tiny):
         own(None, batch["input_ids"], labels=batch["labels"], segs=batch["segs"], patch_tokens=patches)
 
 
+def test_per_sample_lm_loss_weighs_every_sample_alike(tiny):
+    """stages.lamed_loss(per_sample=True): the LM term is the mean of each sample's own (official) LM loss, taken on
+    that sample alone; the token mean of the batch differs when the answers differ in length; Dice + BCE stay."""
+    model, collate = tiny
+    model.eval()
+    batch_samples = samples(3)  # samples 0 and 2 carry masks
+    batch_samples[1] = dataclasses.replace(batch_samples[1], answer="the liver is normal the spleen is enlarged")
+    with torch.no_grad():
+        mixed, m = stages.lamed_loss(model, collate(batch_samples), per_sample=True)
+        token, t = stages.lamed_loss(model, collate(batch_samples))
+        alone = [stages.lamed_loss(model, collate([s]))[1]["lm_loss"] for s in batch_samples]
+    reference = float(np.mean(alone))
+    assert m["lm_loss"] == pytest.approx(reference, rel=1e-5)
+    assert abs(t["lm_loss"] - reference) > 1e-3  # the official token mean is a different number
+    assert m["dice_loss"] == t["dice_loss"] and m["bce_loss"] == t["bce_loss"]
+    assert float(mixed) == pytest.approx(reference + m["dice_loss"] + m["bce_loss"], rel=1e-5)
+    assert float(token) == pytest.approx(t["lm_loss"] + t["dice_loss"] + t["bce_loss"], rel=1e-5)
+
+
 def test_collator_without_images_and_mixed_batches(tiny):
     _, collate = tiny
     s = samples(2)

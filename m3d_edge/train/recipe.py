@@ -21,6 +21,7 @@ Choices for the CPU budget, all recorded in the model card:
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
@@ -65,9 +66,16 @@ class RecipeConfig:
     # warm-up already taught is fine-tuned slower while the [SEG] states it is prompted with are still untrained.
     lr_seg_instruct: Optional[float] = None
     lora_r: int = 16
+    # stage 2's LM term: "token" averages over all answer tokens of a batch (official, v1, v2); "sample" averages
+    # within each sample first, so that long reports do not drown short answers (stages.per_sample_lm_loss)
+    lm_loss: str = "token"
     train_vision: bool = False  # stage 2 trains the vision tower too (official); False caches its features
     mixed_precision: str = field(default_factory=lambda: "bf16" if cpu_supports_bf16() else "auto")
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.lm_loss not in ("token", "sample"):
+            raise ValueError(f"RecipeConfig.lm_loss must be token or sample, got {self.lm_loss!r}")
 
 
 def _log(msg: str) -> None:
@@ -423,6 +431,7 @@ def train_instruct(cfg: RecipeConfig, model, collate, items: Sequence[TaskItem],
               {"params": [p for p in params if id(p) in projector_ids], "lr": cfg.lr_seg},
               {"params": [p for p in params if id(p) in module_ids], "lr": module_lr}]
     dataset = TaskDataset(mix, with_images=cache is None)
-    run(model, groups, dataset, cache.wrap(collate) if cache else collate, stages.lamed_loss,
+    loss = functools.partial(stages.lamed_loss, per_sample=cfg.lm_loss == "sample")
+    run(model, groups, dataset, cache.wrap(collate) if cache else collate, loss,
         _train_config(cfg, out, cfg.instruct_steps, cfg.batch, cfg.lr_instruct, 6))
     return stages.merge_lora(model)
