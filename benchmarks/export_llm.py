@@ -8,7 +8,8 @@ Model: phantom-small's LLM (SmolLM2-135M-Instruct + the four M3D tokens), built 
 Writes NAME.json and NAME.md (--name, default bench-export) into --out-dir. Three parts, one run:
 
 1. Sizes. One fp32 bundle (`export.bundle.build`), and decoder.onnx re-made from its fp32 decoder at fp16,
-   int4-q41 (the default), int4-rtn, int4-hqq and int4-gptq (`export.quantize`; GPTQ calibrated on phantom scans +
+   int4-q41-lora8 (the default: int4-q41 with the projections a trained LoRA changed merged and stored at 8 bits),
+   int4-q41, int4-rtn, int4-hqq and int4-gptq (`export.quantize`; GPTQ calibrated on phantom scans +
    prompts, `m3d_edge.calibration`, seed 30000, disjoint from the held-out reports), plus a diagnostic int4-rtn with the LM head
    kept fp32 (`lm_head="fp32"`); the other bundle files do not depend on the LLM precision, so they are counted
    once. The vision graphs are also exported at fp16 for their size. The GGUF llama.cpp reads is listed for scale.
@@ -18,9 +19,9 @@ Writes NAME.json and NAME.md (--name, default bench-export) into --out-dir. Thre
    the GGUF. Each engine: prefill and first argmax (time to first token), then new_tokens - 1 decode steps, each
    a forward of one token plus an argmax; tokens/s = (new_tokens - 1) / decode time. Every engine runs in its own
    process (in one process llama.cpp, torch's OpenMP and the ORT thread pools slow each other down), all with
-   --threads threads; int4-q41, int4-rtn and llama.cpp are also run with 1 thread. One warm-up run per engine, then
-   `repeats` rounds in which every engine runs once (round robin, so a change in the machine's load hits every
-   engine alike); median, min and max over the rounds.
+   --threads threads; int4-q41-lora8, int4-q41, int4-rtn and llama.cpp are also run with 1 thread. One warm-up
+   run per engine, then `repeats` rounds in which every engine runs once (round robin, so a change in the
+   machine's load hits every engine alike); median, min and max over the rounds.
 3. Quality on held-out phantom reports (`generate_case(seed=20_000, i)` + `write_report`; training data uses
    other seeds): each report follows a fixed ChatML request and ends with <|im_end|>; perplexity over the report
    tokens, teacher forced, token by token through decoder.onnx with the KV cache (the graph returns only the last
@@ -71,7 +72,7 @@ from m3d_edge.bench.timing import OtherCpu
 
 DEFAULT_PRESET = "phantom-small"
 BUSY_CORES = 0.25  # other processes' average CPU above which a run is marked as shared
-PRECISIONS = ("fp32", "fp16", "int4-q41", "int4-rtn", "int4-hqq", "int4-gptq")
+PRECISIONS = ("fp32", "fp16", "int4-q41-lora8", "int4-q41", "int4-rtn", "int4-hqq", "int4-gptq")
 # a diagnostic beside the four bundle precisions: RTN with the LM head (the tied embedding) left fp32
 RTN_FP32_HEAD = "int4-rtn-fp32-head"
 BUNDLE_FILES = ("decoder.onnx", "decoder.onnx.data", "embeddings.npy", "vision.onnx", "seg_decoder.onnx",
@@ -784,9 +785,15 @@ def notes(result: dict[str, Any]) -> list[str]:
     adapter = (result["quantization"].get("int4-q41") or {}).get("lora")
     if adapter:
         out.append(f"This checkpoint's LLM carries a merged LoRA (rank {adapter['rank']}, {adapter['modules']} "
-                   f"modules). Every int4 decoder keeps it apart (export.lora): the base weights are quantized and "
-                   f"the adapter runs as a float branch beside {adapter['matmuls_with_branch']} of the MatMuls; the "
+                   f"modules). Every int4 decoder but int4-q41-lora8 keeps it apart (export.lora): the base "
+                   f"weights are quantized and the adapter runs as a float branch beside "
+                   f"{adapter['matmuls_with_branch']} of the MatMuls; the "
                    f"fp32 and fp16 decoders hold the merged weights. PyTorch eager runs the merged model.")
+    lora8 = (result["quantization"].get("int4-q41-lora8") or {}).get("lora")
+    if lora8:
+        out.append(f"int4-q41-lora8 (the bundle default) does not keep the adapter apart: the {lora8['matmuls']} "
+                   f"MatMuls whose weights it changed stay merged and are stored at 8 bits (symmetric blocks), "
+                   f"every other projection as int4-q41's exact Q4_1 blocks.")
     rows = {r["engine"]: r for r in result["generation"]["rows"]}
     one = [rows.get("decoder.onnx int4-rtn, 1 thread"), rows.get("llama.cpp, 1 thread")]
     if all(one) and result["threads"] != 1:
@@ -820,7 +827,9 @@ def decode_speed(art: dict[str, Any], spec, gguf: Path, prompt: list[int],
     plan += [("PyTorch eager", "fp32", "torch", args.threads, {"hf_dir": art["hf"]}),
              ("llama.cpp", llama_weights, "llama", args.threads, {"gguf": gguf})]
     if args.threads != 1:  # a shared machine punishes thread barriers; one thread shows how much
-        plan += [("decoder.onnx int4-q41, 1 thread", "int4-q41", "ort", 1,
+        plan += [("decoder.onnx int4-q41-lora8, 1 thread", "int4-q41-lora8", "ort", 1,
+                  {"decoder_onnx": art["decoders"]["int4-q41-lora8"], "embeddings": embeddings, "spec": spec}),
+                 ("decoder.onnx int4-q41, 1 thread", "int4-q41", "ort", 1,
                   {"decoder_onnx": art["decoders"]["int4-q41"], "embeddings": embeddings, "spec": spec}),
                  ("decoder.onnx int4-rtn, 1 thread", "int4-rtn", "ort", 1,
                   {"decoder_onnx": art["decoders"]["int4-rtn"], "embeddings": embeddings, "spec": spec}),
