@@ -827,13 +827,10 @@ def decode_speed(art: dict[str, Any], spec, gguf: Path, prompt: list[int],
     plan += [("PyTorch eager", "fp32", "torch", args.threads, {"hf_dir": art["hf"]}),
              ("llama.cpp", llama_weights, "llama", args.threads, {"gguf": gguf})]
     if args.threads != 1:  # a shared machine punishes thread barriers; one thread shows how much
-        plan += [("decoder.onnx int4-q41-lora8, 1 thread", "int4-q41-lora8", "ort", 1,
-                  {"decoder_onnx": art["decoders"]["int4-q41-lora8"], "embeddings": embeddings, "spec": spec}),
-                 ("decoder.onnx int4-q41, 1 thread", "int4-q41", "ort", 1,
-                  {"decoder_onnx": art["decoders"]["int4-q41"], "embeddings": embeddings, "spec": spec}),
-                 ("decoder.onnx int4-rtn, 1 thread", "int4-rtn", "ort", 1,
-                  {"decoder_onnx": art["decoders"]["int4-rtn"], "embeddings": embeddings, "spec": spec}),
-                 ("llama.cpp, 1 thread", llama_weights, "llama", 1, {"gguf": gguf})]
+        plan += [(f"decoder.onnx {p}, 1 thread", p, "ort", 1,
+                  {"decoder_onnx": art["decoders"][p], "embeddings": embeddings, "spec": spec})
+                 for p in ("int4-q41-lora8", "int4-q41", "int4-rtn")]
+        plan.append(("llama.cpp, 1 thread", llama_weights, "llama", 1, {"gguf": gguf}))
     say(f"starting {len(plan)} engine processes")
     engines = [ChildEngine(ctx, name, weights, kind, threads, **kw) for name, weights, kind, threads, kw in plan]
     try:

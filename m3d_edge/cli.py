@@ -277,8 +277,10 @@ def _run_stage(fn, *args) -> None:
         raise click.ClickException(str(e)) from e
 
 
-LM_LOSS_HELP = ("Stage 2's LM loss: token = mean over all answer tokens of a batch (official); sample = mean "
-                "within each sample, then over samples (short answers weigh as much as reports).")
+LM_LOSS_OPTION = click.option(
+    "--lm-loss", default="token", show_default=True, type=click.Choice(["token", "sample"]),
+    help="Stage 2's LM loss: token = mean over all answer tokens of a batch (official); sample = mean within each "
+         "sample, then over samples (short answers weigh as much as reports).")
 SEG_WARMUP_HELP = ("Steps of class-prompted seg alone before the CLIP loss, every key organ and lesion of one "
                    "image per ViT pass (0: none, as phantom-small v1).")
 
@@ -309,8 +311,7 @@ def train_align(data: str, out: str, steps: int, seed: int, progress: bool, clip
 @_stage_options(1500)
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=str),
               help="Checkpoint folder to start from (an align run's OUT/model).")
-@click.option("--lm-loss", default="token", show_default=True, type=click.Choice(["token", "sample"]),
-              help=LM_LOSS_HELP)
+@LM_LOSS_OPTION
 def train_instruct(data: str, out: str, steps: int, seed: int, progress: bool, model_dir: str, lm_loss: str) -> None:
     """Stage 2: LoRA + projector + seg on all tasks (vision features cached); writes OUT/model (compact, LoRA kept)."""
     from m3d_edge.train.recipe import RecipeConfig, instruct_stage
@@ -332,8 +333,7 @@ def train_instruct(data: str, out: str, steps: int, seed: int, progress: bool, m
 @click.option("--seg-warmup-steps", default=0, show_default=True, type=click.IntRange(min=0), help=SEG_WARMUP_HELP)
 @click.option("--lr-seg-instruct", default=None, type=click.FloatRange(min=0, min_open=True),
               help="The seg module's learning rate in stage 2 (default: that of the seg projector, 1e-3).")
-@click.option("--lm-loss", default="token", show_default=True, type=click.Choice(["token", "sample"]),
-              help=LM_LOSS_HELP)
+@LM_LOSS_OPTION
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def train_recipe(name: str, out: str, data: str | None, n_cases: int, seed: int, clip_steps: int, align_steps: int,
                  instruct_steps: int, seg_warmup_steps: int, lr_seg_instruct: float | None, lm_loss: str,

@@ -67,7 +67,7 @@ class RecipeConfig:
     lr_seg_instruct: Optional[float] = None
     lora_r: int = 16
     # stage 2's LM term: "token" averages over all answer tokens of a batch (official, v1, v2); "sample" averages
-    # within each sample first, so that long reports do not drown short answers (stages.per_sample_lm_loss)
+    # within each sample first, so that long reports do not drown short answers (model.lamed.lm_loss)
     lm_loss: str = "token"
     train_vision: bool = False  # stage 2 trains the vision tower too (official); False caches its features
     mixed_precision: str = field(default_factory=lambda: "bf16" if cpu_supports_bf16() else "auto")

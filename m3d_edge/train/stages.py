@@ -31,32 +31,13 @@ def clip_loss(model: M3DCLIP, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
 def lamed_loss(model: LaMed, batch: dict[str, Any], *,
                per_sample: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """LaMed's training loss. per_sample=False: the official LM term, a mean over every answer token of the batch.
-    per_sample=True: a mean over each sample's answer tokens, then over the samples (`per_sample_lm_loss`)."""
+    per_sample=True: a mean over each sample's answer tokens, then over the samples (`lamed.lm_loss`)."""
     out = model(batch.get("images"), batch["input_ids"], labels=batch["labels"],
                 attention_mask=batch.get("attention_mask"), segs=batch.get("segs"),
-                patch_tokens=batch.get("patch_tokens"))
-    loss = out.loss
-    if per_sample:
-        out.lm_loss = per_sample_lm_loss(out.logits, batch["labels"])
-        loss = out.lm_loss + sum(t for t in (out.dice_loss, out.bce_loss) if t is not None)
+                patch_tokens=batch.get("patch_tokens"), per_sample_lm=per_sample)
     metrics = {k: float(getattr(out, k).detach()) for k in ("lm_loss", "dice_loss", "bce_loss")
                if getattr(out, k) is not None}
-    return loss, metrics
-
-
-def per_sample_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy averaged within each sample, then across the samples that have answer tokens.
-
-    Why: with the token mean, a long answer outweighs a short one token for token; in phantom-small v2's stage-2
-    mix the reports (10 % of the samples) held 42 % of the answer tokens and the closed-VQA letters (30 % of the
-    samples, the one token that decides) 1.8 % (docs/training.md). Here every sample weighs the same, so the task
-    shares of the mix are the shares of the LM term."""
-    target = labels[:, 1:]
-    tokens = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), target, ignore_index=-100,
-                                         reduction="none")  # [B, T-1], 0 where ignored
-    counts = (target != -100).sum(dim=1)
-    has = counts > 0
-    return (tokens.sum(dim=1)[has] / counts[has]).mean()
+    return out.loss, metrics
 
 
 def freeze(module: nn.Module) -> None:
