@@ -281,6 +281,10 @@ LM_LOSS_OPTION = click.option(
     "--lm-loss", default="token", show_default=True, type=click.Choice(["token", "sample"]),
     help="Stage 2's LM loss: token = mean over all answer tokens of a batch (official); sample = mean within each "
          "sample, then over samples (short answers weigh as much as reports).")
+CLOSED_VQA_OPTION = click.option(
+    "--closed-vqa-format", default="letter", show_default=True, type=click.Choice(["letter", "content"]),
+    help='Stage 2\'s closed-VQA answers: letter = "B. Liver" (official); content = "Liver. Choice B." (the choice '
+         'text first, then its letter; both pass the official scoring).')
 SEG_WARMUP_HELP = ("Steps of class-prompted seg alone before the CLIP loss, every key organ and lesion of one "
                    "image per ViT pass (0: none, as phantom-small v1).")
 
@@ -312,12 +316,14 @@ def train_align(data: str, out: str, steps: int, seed: int, progress: bool, clip
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=str),
               help="Checkpoint folder to start from (an align run's OUT/model).")
 @LM_LOSS_OPTION
-def train_instruct(data: str, out: str, steps: int, seed: int, progress: bool, model_dir: str, lm_loss: str) -> None:
+@CLOSED_VQA_OPTION
+def train_instruct(data: str, out: str, steps: int, seed: int, progress: bool, model_dir: str, lm_loss: str,
+                   closed_vqa_format: str) -> None:
     """Stage 2: LoRA + projector + seg on all tasks (vision features cached); writes OUT/model (compact, LoRA kept)."""
     from m3d_edge.train.recipe import RecipeConfig, instruct_stage
 
     _run_stage(instruct_stage, RecipeConfig(out=out, seed=seed, instruct_steps=steps, lm_loss=lm_loss,
-                                            progress=progress), data, model_dir)
+                                            closed_vqa_format=closed_vqa_format, progress=progress), data, model_dir)
 
 
 @train.command("recipe")
@@ -333,11 +339,14 @@ def train_instruct(data: str, out: str, steps: int, seed: int, progress: bool, m
 @click.option("--seg-warmup-steps", default=0, show_default=True, type=click.IntRange(min=0), help=SEG_WARMUP_HELP)
 @click.option("--lr-seg-instruct", default=None, type=click.FloatRange(min=0, min_open=True),
               help="The seg module's learning rate in stage 2 (default: that of the seg projector, 1e-3).")
+@click.option("--lr-instruct", default=2e-4, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Stage 2's learning rate (LoRA, projector, new token rows).")
 @LM_LOSS_OPTION
+@CLOSED_VQA_OPTION
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def train_recipe(name: str, out: str, data: str | None, n_cases: int, seed: int, clip_steps: int, align_steps: int,
-                 instruct_steps: int, seg_warmup_steps: int, lr_seg_instruct: float | None, lm_loss: str,
-                 progress: bool) -> None:
+                 instruct_steps: int, seg_warmup_steps: int, lr_seg_instruct: float | None, lr_instruct: float,
+                 lm_loss: str, closed_vqa_format: str, progress: bool) -> None:
     """Run synth -> clip -> align -> instruct end to end and save OUT/model (a compact checkpoint)."""
     from m3d_edge.train.recipe import RecipeConfig, run_recipe
 
@@ -345,7 +354,8 @@ def train_recipe(name: str, out: str, data: str | None, n_cases: int, seed: int,
         path = run_recipe(RecipeConfig(out=out, data=data, n_cases=n_cases, seed=seed, clip_steps=clip_steps,
                                        align_steps=align_steps, instruct_steps=instruct_steps,
                                        seg_warmup_steps=seg_warmup_steps, lr_seg_instruct=lr_seg_instruct,
-                                       lm_loss=lm_loss, progress=progress))
+                                       lr_instruct=lr_instruct, lm_loss=lm_loss,
+                                       closed_vqa_format=closed_vqa_format, progress=progress))
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(str(path))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +168,28 @@ def test_dataset_baselines_not_degenerate(dataset):
     assert set(train["phases"]) == set(P.PHASES)
     assert set(stats["splits"]) == {"train", "val", "test"}
     assert sum(s["cases"] for s in stats["splits"].values()) == 20
+
+
+def test_closed_vqa_answers_rewritten_content_first(dataset):
+    from m3d_edge.data.datasets import task_items, with_closed_vqa_format
+    from m3d_edge.data.prompts import closed_vqa_correct
+
+    items = task_items(dataset, "train", ("vqa_closed", "vqa_open"))
+    rewritten = with_closed_vqa_format(items, "content")
+    closed = 0
+    for before, after in zip(items, rewritten):
+        if before.task != "vqa_closed":
+            assert after == before
+            continue
+        closed += 1
+        choices = dict(re.findall(r"([ABCD])\. (.*?)(?= [ABCD]\. |$)", before.question.split(" Choices: ")[1]))
+        assert after.answer == f"{choices[before.target]}. Choice {before.target}."
+        assert [l for l in "ABCD" if closed_vqa_correct(after.answer, l)] == [before.target]
+    assert closed > 20
+    assert with_closed_vqa_format(items, "letter") == items
+    broken = [dataclasses.replace(next(it for it in items if it.task == "vqa_closed"), answer="Liver")]
+    with pytest.raises(ValueError, match="does not start with its letter"):
+        with_closed_vqa_format(broken, "content")
 
 
 def test_dataset_is_complete_and_atomic(dataset, tmp_path):

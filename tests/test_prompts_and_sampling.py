@@ -37,6 +37,16 @@ def test_closed_vqa_helpers():
     assert not prompts.closed_vqa_correct("spleen", "B")
 
 
+def test_closed_vqa_answer_formats_pass_the_official_scoring_for_their_letter_only():
+    assert prompts.closed_vqa_answer("B", "Right kidney") == "B. Right kidney"
+    content = prompts.closed_vqa_answer("B", "Right kidney", "content")
+    assert content == "Right kidney. Choice B."
+    for answer in ("B. Right kidney", content):
+        assert [l for l in "ABCD" if prompts.closed_vqa_correct(answer, l)] == ["B"]
+    with pytest.raises(ValueError, match="letter, content"):
+        prompts.closed_vqa_answer("B", "Right kidney", "text")
+
+
 def test_samples_are_formatted():
     rng = random.Random(0)
     q, a = prompts.rec_sample("liver", (0.1, 0.2, 0.3, 0.4, 0.5, 0.6), rng)

@@ -374,3 +374,11 @@ def test_two_cpu_processes_train_one_job(tmp_path):
     assert ranks[0]["losses"] != ranks[1]["losses"]  # different samples on each rank
     step = out / "checkpoints" / "step-000002"
     assert {p.name for p in step.iterdir()} >= {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"}
+
+
+def test_recipe_config_refuses_an_unknown_closed_vqa_format(tmp_path):
+    from m3d_edge.train.recipe import RecipeConfig
+
+    assert RecipeConfig(out=str(tmp_path), closed_vqa_format="content").closed_vqa_format == "content"
+    with pytest.raises(ValueError, match="closed_vqa_format must be one of letter, content"):
+        RecipeConfig(out=str(tmp_path), closed_vqa_format="text")

@@ -175,6 +175,26 @@ def task_items(root, split: str, tasks: Sequence[str] = TASKS, *, seed: int = 0,
     return items
 
 
+def with_closed_vqa_format(items: Sequence[TaskItem], fmt: str) -> list[TaskItem]:
+    """The items with every closed-VQA answer rewritten in `fmt` (data.prompts.CLOSED_VQA_FORMATS); the others
+    unchanged. The answers must be in the official form "<letter>. <choice>" that `task_items` writes."""
+    from dataclasses import replace
+
+    from m3d_edge.data.prompts import closed_vqa_answer
+
+    closed_vqa_answer("A", "x", fmt)  # an unknown format fails here, before any item is touched
+    out = []
+    for it in items:
+        if it.task == "vqa_closed" and fmt != "letter":
+            prefix = f"{it.target}. "
+            if not it.answer.startswith(prefix):
+                raise ValueError(f"{it.image}: closed-VQA answer {it.answer!r} does not start with its letter "
+                                 f"{prefix!r}")
+            it = replace(it, answer=closed_vqa_answer(it.target, it.answer[len(prefix):], fmt))
+        out.append(it)
+    return out
+
+
 def _model_box(mask_path: str) -> Optional[list[float]]:
     from m3d_edge.preprocess import box_from_mask
 

@@ -86,8 +86,19 @@ def closed_vqa_question(question: str, choices: Sequence[str]) -> str:
     return question + " Choices: " + " ".join(f"{l}. {c}" for l, c in zip("ABCD", choices))
 
 
-def closed_vqa_answer(letter: str, choice: str) -> str:
-    return f"{letter}. {choice}"
+# How a closed-VQA answer is written. "letter": the official "B. Liver". "content": the choice text first, then its
+# letter ("Liver. Choice B."), our own training format: the first answer token then carries what the model knows
+# about the image, and the letter is looked up from the text it just wrote (docs/training.md). Both pass the
+# official substring scoring.
+CLOSED_VQA_FORMATS = ("letter", "content")
+
+
+def closed_vqa_answer(letter: str, choice: str, fmt: str = "letter") -> str:
+    if fmt == "letter":
+        return f"{letter}. {choice}"
+    if fmt == "content":
+        return f"{choice}. Choice {letter}."
+    raise ValueError(f"closed VQA answer format must be one of {', '.join(CLOSED_VQA_FORMATS)}, got {fmt!r}")
 
 
 def closed_vqa_correct(output: str, letter: str) -> bool:

@@ -16,7 +16,9 @@ Choices for the CPU budget, all recorded in the model card:
 - stage 2 trains LoRA (q, k, v, o), the projector, the seg projector and seg module and only the four new token rows
   of the tied embedding (gradients of the pretrained rows are zeroed, so they stay bit-identical to SmolLM2);
 - stage 2 samples the target organs (liver, spleen, kidneys) more often for seg / REC, and closed VQA most;
-- bf16 autocast on CPUs with bf16 instructions (weights and optimizer state stay fp32).
+- bf16 autocast on CPUs with bf16 instructions (weights and optimizer state stay fp32);
+- `closed_vqa_format="content"` (phantom-small v4): stage 2's closed-VQA answers name the choice before its letter
+  ("Liver. Choice B."), so the first answer token carries what the model read (docs/training.md).
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ import torch
 from torch import nn
 
 from m3d_edge.config import ClipConfig, preset
-from m3d_edge.data.datasets import LaMedCollator, SampleList, TaskDataset, TaskItem, task_items, validate_items
+from m3d_edge.data.datasets import (LaMedCollator, SampleList, TaskDataset, TaskItem, task_items, validate_items,
+                                    with_closed_vqa_format)
 from m3d_edge.data.phantom import KEY_ORGANS
+from m3d_edge.data.prompts import CLOSED_VQA_FORMATS
 from m3d_edge.model import checkpoint, llm as llm_mod
 from m3d_edge.model.clip import M3DCLIP, build_text_encoder, minilm_folder
 from m3d_edge.model.segvol import SegVol
@@ -69,6 +73,8 @@ class RecipeConfig:
     # stage 2's LM term: "token" averages over all answer tokens of a batch (official, v1, v2); "sample" averages
     # within each sample first, so that long reports do not drown short answers (model.lamed.lm_loss)
     lm_loss: str = "token"
+    # stage 2's closed-VQA answers: "letter" = official "B. Liver"; "content" = "Liver. Choice B." (prompts.py)
+    closed_vqa_format: str = "letter"
     train_vision: bool = False  # stage 2 trains the vision tower too (official); False caches its features
     mixed_precision: str = field(default_factory=lambda: "bf16" if cpu_supports_bf16() else "auto")
     progress: bool = True
@@ -76,6 +82,9 @@ class RecipeConfig:
     def __post_init__(self) -> None:
         if self.lm_loss not in ("token", "sample"):
             raise ValueError(f"RecipeConfig.lm_loss must be token or sample, got {self.lm_loss!r}")
+        if self.closed_vqa_format not in CLOSED_VQA_FORMATS:
+            raise ValueError(f"RecipeConfig.closed_vqa_format must be one of {', '.join(CLOSED_VQA_FORMATS)}, "
+                             f"got {self.closed_vqa_format!r}")
 
 
 def _log(msg: str) -> None:
@@ -410,7 +419,7 @@ def new_rows_only(embedding: torch.nn.Embedding, first_new: int) -> None:
 
 
 def train_instruct(cfg: RecipeConfig, model, collate, items: Sequence[TaskItem], out: Path) -> tuple[dict, dict]:
-    mix = instruct_mix(items, cfg.instruct_steps * cfg.batch, cfg.seed)
+    mix = with_closed_vqa_format(instruct_mix(items, cfg.instruct_steps * cfg.batch, cfg.seed), cfg.closed_vqa_format)
     cache = None
     if not cfg.train_vision:
         _log(f"instruct: caching vision features of {len({it.image for it in mix})} images (tower frozen)")
