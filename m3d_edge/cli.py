@@ -9,6 +9,7 @@ import sys
 import click
 
 from m3d_edge import __version__
+from m3d_edge.data.prompts import CLOSED_VQA_FORMATS  # torch-free
 from m3d_edge.export import DEFAULT_LLM, EXPORT_REVISION, LLM_PRECISIONS  # torch-free (export/__init__.py)
 
 
@@ -282,7 +283,7 @@ LM_LOSS_OPTION = click.option(
     help="Stage 2's LM loss: token = mean over all answer tokens of a batch (official); sample = mean within each "
          "sample, then over samples (short answers weigh as much as reports).")
 CLOSED_VQA_OPTION = click.option(
-    "--closed-vqa-format", default="letter", show_default=True, type=click.Choice(["letter", "content"]),
+    "--closed-vqa-format", default="letter", show_default=True, type=click.Choice(CLOSED_VQA_FORMATS),
     help='Stage 2\'s closed-VQA answers: letter = "B. Liver" (official); content = "Liver. Choice B." (the choice '
          'text first, then its letter; both pass the official scoring).')
 SEG_WARMUP_HELP = ("Steps of class-prompted seg alone before the CLIP loss, every key organ and lesion of one "
