@@ -306,7 +306,8 @@ def test_phi3_decoder_matches_torch(tmp_path):
 def official_feeds(official):
     from m3d_edge import calibration
 
-    return calibration.decoder_feeds(official, llm_export.stand_in_tokenizer(official), n_scans=2)
+    return calibration.decoder_feeds(official, llm_export.stand_in_tokenizer(official),
+                                     llm_export.decoder_spec(official), n_scans=2)
 
 
 def test_int4_decoder_runs(official, official_decoder, official_prompt, official_feeds, tmp_path):

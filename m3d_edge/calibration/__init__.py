@@ -31,16 +31,16 @@ class DecoderFeeds:
     record: dict[str, Any]  # for the manifest: what the set is made of and its sha256
 
 
-def decoder_feeds(model, tokenizer, *, n_scans: int = 4, seed: int = CALIBRATION_SEED,
+def decoder_feeds(model, tokenizer, spec: dict[str, Any], *, n_scans: int = 4, seed: int = CALIBRATION_SEED,
                   questions: Sequence[str] = CALIBRATION_QUESTIONS) -> DecoderFeeds:
     """`n_scans` phantom scans x `questions`, each an image prompt (the model's image tokens placed as at run time)
-    followed by the case's report. model: a LaMed; tokenizer: its transformers tokenizer."""
+    followed by the case's report. model: a LaMed; tokenizer: its transformers tokenizer; spec: the decoder graph's
+    numbers (`export.llm.decoder_spec(model)`: num_layers, num_kv_heads, head_dim, context_length), passed in so
+    that the calibration sets stay below the export that uses them."""
     from m3d_edge.data.phantom import PLANE_ORIENTATION, generate_case, write_report
     from m3d_edge.data.prompts import image_prompt
-    from m3d_edge.export.llm import decoder_spec
     from m3d_edge.preprocess import to_model_input
 
-    spec = decoder_spec(model)
     empty = np.zeros((1, spec["num_kv_heads"], 0, spec["head_dim"]), np.float32)
     feeds, digest, tokens = [], hashlib.sha256(), 0
     model.eval()

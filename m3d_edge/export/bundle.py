@@ -168,7 +168,8 @@ def lower_decoder(model: LaMed, src: Path, dst: Path, precision: str, *, lm_head
     extra: dict[str, Any] = {}
     calibration_feeds = None
     if method == "gptq":
-        feeds = calibration.decoder_feeds(model, tokenizer or llm_export.stand_in_tokenizer(model))
+        feeds = calibration.decoder_feeds(model, tokenizer or llm_export.stand_in_tokenizer(model),
+                                          llm_export.decoder_spec(model))
         calibration_feeds, extra["calibration"] = feeds.feeds, feeds.record
     lora = model.merged_lora
     import onnx
