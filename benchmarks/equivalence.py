@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,7 @@ def main() -> int:
     from m3d_edge.bench.metrics import dice
     from m3d_edge.data.phantom import generate_case
     from m3d_edge.data.prompts import parse_boxes
+    from m3d_edge.export import built_from
     from m3d_edge.export.bundle import build
     from m3d_edge.model import checkpoint, llm as llm_mod
     from m3d_edge.preprocess import to_model_input
@@ -64,7 +66,8 @@ def main() -> int:
     model = checkpoint.load(args.checkpoint)
     tok = llm_mod.load_tokenizer(model.cfg.llm, args.checkpoint)
     bundle = Path(args.work) / "bundle-fp32"
-    if not (bundle / "manifest.json").is_file():
+    if not built_from(bundle, args.checkpoint):  # a bundle of an older checkpoint is built again, never compared
+        shutil.rmtree(bundle, ignore_errors=True)
         build(args.checkpoint, bundle, llm="fp32", vision="fp32", progress=False)
     pipe = Pipeline.load(bundle)
     spec = pipe.bundle.manifest["preprocessing"]  # "ct" for our models, "m3d" for official ones
@@ -105,6 +108,7 @@ def main() -> int:
                "mask_voxels": [r["mask_voxels"] for r in rows if "mask_voxels" in r], "checkpoint": args.checkpoint,
                "date": time.strftime("%Y-%m-%d %H:%M")}
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "equivalence.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
     lines = ["# Runtime (fp32 bundle) vs PyTorch: equivalence", "",
              f"`python benchmarks/equivalence.py` on {summary['date']}, checkpoint `{args.checkpoint}`, "

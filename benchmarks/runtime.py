@@ -57,7 +57,7 @@ from typing import Any, Callable
 import numpy as np
 
 from m3d_edge.bench.timing import OtherCpu
-from m3d_edge.export import EXPORT_REVISION, checkpoint_digest  # torch-free
+from m3d_edge.export import built_from  # torch-free
 
 ROOT = Path(__file__).resolve().parents[1]
 BUSY_CORES = 0.25  # other processes' average CPU above which a run is marked as shared
@@ -442,18 +442,6 @@ def machine() -> dict[str, Any]:
             "platform": platform.platform()}
 
 
-def _built_from(bundle_dir: Path, digest: str | None) -> bool:
-    """True when `bundle_dir` holds a bundle of this checkpoint (its sha256 in the manifest's provenance; None =
-    the seed-0 preset) made by this export revision, so that a --work folder kept across retrainings is reused
-    only while it still holds the model being measured."""
-    manifest = bundle_dir / "manifest.json"
-    if not manifest.is_file():
-        return False
-    provenance = json.loads(manifest.read_text()).get("provenance", {})
-    return (provenance.get("source", {}).get("sha256") == digest
-            and provenance.get("export_revision") == EXPORT_REVISION)
-
-
 def prepare(work: Path, int4: str) -> tuple[dict[str, Path], Path, str]:
     """The int4 bundle (measured), the fp32 one (to separate runtime errors from int4 ones) and the scan, built
     once into `work`."""
@@ -463,11 +451,10 @@ def prepare(work: Path, int4: str) -> tuple[dict[str, Path], Path, str]:
 
     source = str(TRAINED) if TRAINED.is_dir() else "preset:phantom-small"
     tag = "trained" if TRAINED.is_dir() else "preset"
-    digest = checkpoint_digest(TRAINED) if TRAINED.is_dir() else None
     bundles = {}
     for llm in (int4, "fp32"):
         bundles[llm] = work / f"phantom-small-{tag}-{llm}"
-        if not _built_from(bundles[llm], digest):
+        if not built_from(bundles[llm], TRAINED if TRAINED.is_dir() else None):
             if bundles[llm].exists():  # a bundle of an older checkpoint or export: built again, never measured
                 print(f"[bench] {bundles[llm]} is from another checkpoint or export revision; rebuilding", flush=True)
                 shutil.rmtree(bundles[llm])

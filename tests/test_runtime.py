@@ -132,6 +132,29 @@ def test_default_bundle_is_rebuilt_when_the_export_changes(monkeypatch, tmp_path
     assert second.parent == first.parent and second != first
 
 
+def test_built_from_names_the_checkpoint_and_the_export_revision(bundle_dir, tmp_path):
+    """Benchmarks reuse a kept bundle only when it was written from the same checkpoint files by this exporter."""
+    from m3d_edge.export import EXPORT_REVISION, built_from, checkpoint_digest
+
+    assert built_from(bundle_dir, None)  # the fixture's in-memory model: no digest, this revision
+    ck = tmp_path / "checkpoint"
+    ck.mkdir()
+    (ck / "model.safetensors").write_bytes(b"weights v1")
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    manifest["provenance"]["source"] = {"kind": "checkpoint", "path": str(ck), "sha256": checkpoint_digest(ck)}
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "manifest.json").write_text(json.dumps(manifest))
+    assert built_from(kept, ck) and not built_from(kept, None)
+    (ck / "model.safetensors").write_bytes(b"weights v2")  # retrained: the kept bundle is stale
+    assert not built_from(kept, ck)
+    (ck / "model.safetensors").write_bytes(b"weights v1")
+    manifest["provenance"]["export_revision"] = EXPORT_REVISION - 1
+    (kept / "manifest.json").write_text(json.dumps(manifest))
+    assert not built_from(kept, ck)
+    assert not built_from(tmp_path / "nothing-here", ck)
+
+
 def test_cli_finds_a_cached_default_bundle_without_torch(tmp_path):
     """`m3d-edge run` without --bundle: once the default bundle is cached, finding it needs neither torch nor the
     model code (the edge box's main command starts fast)."""

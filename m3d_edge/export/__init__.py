@@ -37,6 +37,21 @@ def checkpoint_digest(folder: str | Path) -> str:
     return h.hexdigest()
 
 
+def built_from(bundle_dir: str | Path, checkpoint: str | Path | None) -> bool:
+    """True when `bundle_dir` holds a bundle of `checkpoint` (a checkpoint folder, its digest in the manifest's
+    provenance; None: a preset, which has no digest) written by this export revision. Benchmarks that keep a work
+    folder across runs rebuild what this refuses, so a retrained model is never measured through an old bundle."""
+    import json
+
+    manifest = Path(bundle_dir) / "manifest.json"
+    if not manifest.is_file():
+        return False
+    provenance = json.loads(manifest.read_text()).get("provenance", {})
+    digest = checkpoint_digest(checkpoint) if checkpoint is not None else None
+    return (provenance.get("source", {}).get("sha256") == digest
+            and provenance.get("export_revision") == EXPORT_REVISION)
+
+
 def import_keeping_logging(name: str) -> ModuleType:
     """Import `name` and undo any change it makes to the root logger. onnxruntime's matmul_nbits_quantizer (also
     imported by onnxruntime-genai's builder) calls logging.basicConfig(level=INFO) at import, after which every
