@@ -140,13 +140,14 @@ def library_versions() -> dict[str, Optional[str]]:
 class Source:
     model: Any  # LaMed
     tokenizer: Any  # transformers tokenizer with the M3D tokens
-    description: str  # "preset:phantom-small (seed 0)" or the checkpoint folder
+    description: str  # "preset:phantom-small (seed 0)" or the checkpoint folder and its digest
 
 
 def load_source(checkpoint_dir: Optional[Path]) -> Source:
     import torch
 
     from m3d_edge.config import preset
+    from m3d_edge.export import checkpoint_digest
     from m3d_edge.model import checkpoint
     from m3d_edge.model import llm as llm_model
 
@@ -157,7 +158,9 @@ def load_source(checkpoint_dir: Optional[Path]) -> Source:
         return Source(model.eval(), llm_model.load_tokenizer(cfg.llm), f"preset:{DEFAULT_PRESET} (seed 0)")
     model = checkpoint.load(checkpoint_dir)
     tokenizer = llm_model.load_tokenizer(model.cfg.llm, checkpoint_dir)
-    return Source(model.eval(), tokenizer, str(checkpoint_dir.resolve()))
+    # the digest makes a workdir stamp (build_artefacts) tell a retrained model in the same folder from the old one
+    digest = checkpoint_digest(checkpoint_dir)[:16]
+    return Source(model.eval(), tokenizer, f"{checkpoint_dir.resolve()} (sha256 {digest})")
 
 
 def build_artefacts(source: Source, workdir: Path) -> dict[str, Any]:
