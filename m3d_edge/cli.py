@@ -286,6 +286,10 @@ CLOSED_VQA_OPTION = click.option(
     "--closed-vqa-format", default="letter", show_default=True, type=click.Choice(CLOSED_VQA_FORMATS),
     help='Stage 2\'s closed-VQA answers: letter = "B. Liver" (official); content = "Liver. Choice B." (the choice '
          'text first, then its letter; both pass the official scoring).')
+TRAIN_VISION_OPTION = click.option(
+    "--train-vision/--freeze-vision", default=False, show_default=True,
+    help="Stage 2 trains the vision tower too (official; at the seg module's rate, every image through the tower at "
+         "every step) or freezes it and caches its features (faster; phantom-small v1-v5).")
 SEG_WARMUP_HELP = ("Steps of class-prompted seg alone before the CLIP loss, every key organ and lesion of one "
                    "image per ViT pass (0: none, as phantom-small v1).")
 
@@ -318,13 +322,16 @@ def train_align(data: str, out: str, steps: int, seed: int, progress: bool, clip
               help="Checkpoint folder to start from (an align run's OUT/model).")
 @LM_LOSS_OPTION
 @CLOSED_VQA_OPTION
+@TRAIN_VISION_OPTION
 def train_instruct(data: str, out: str, steps: int, seed: int, progress: bool, model_dir: str, lm_loss: str,
-                   closed_vqa_format: str) -> None:
-    """Stage 2: LoRA + projector + seg on all tasks (vision features cached); writes OUT/model (compact, LoRA kept)."""
+                   closed_vqa_format: str, train_vision: bool) -> None:
+    """Stage 2: LoRA + projector + seg on all tasks (the tower frozen unless --train-vision); writes OUT/model
+    (compact, LoRA kept)."""
     from m3d_edge.train.recipe import RecipeConfig, instruct_stage
 
     _run_stage(instruct_stage, RecipeConfig(out=out, seed=seed, instruct_steps=steps, lm_loss=lm_loss,
-                                            closed_vqa_format=closed_vqa_format, progress=progress), data, model_dir)
+                                            closed_vqa_format=closed_vqa_format, train_vision=train_vision,
+                                            progress=progress), data, model_dir)
 
 
 @train.command("recipe")
@@ -339,15 +346,17 @@ def train_instruct(data: str, out: str, steps: int, seed: int, progress: bool, m
 @click.option("--instruct-steps", default=1500, show_default=True, type=click.IntRange(min=1))
 @click.option("--seg-warmup-steps", default=0, show_default=True, type=click.IntRange(min=0), help=SEG_WARMUP_HELP)
 @click.option("--lr-seg-instruct", default=None, type=click.FloatRange(min=0, min_open=True),
-              help="The seg module's learning rate in stage 2 (default: that of the seg projector, 1e-3).")
+              help="The seg module's learning rate in stage 2, and the vision tower's with --train-vision "
+                   "(default: that of the seg projector, 1e-3).")
 @click.option("--lr-instruct", default=2e-4, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Stage 2's learning rate (LoRA, projector, new token rows).")
 @LM_LOSS_OPTION
 @CLOSED_VQA_OPTION
+@TRAIN_VISION_OPTION
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def train_recipe(name: str, out: str, data: str | None, n_cases: int, seed: int, clip_steps: int, align_steps: int,
                  instruct_steps: int, seg_warmup_steps: int, lr_seg_instruct: float | None, lr_instruct: float,
-                 lm_loss: str, closed_vqa_format: str, progress: bool) -> None:
+                 lm_loss: str, closed_vqa_format: str, train_vision: bool, progress: bool) -> None:
     """Run synth -> clip -> align -> instruct end to end and save OUT/model (a compact checkpoint)."""
     from m3d_edge.train.recipe import RecipeConfig, run_recipe
 
@@ -356,7 +365,8 @@ def train_recipe(name: str, out: str, data: str | None, n_cases: int, seed: int,
                                        align_steps=align_steps, instruct_steps=instruct_steps,
                                        seg_warmup_steps=seg_warmup_steps, lr_seg_instruct=lr_seg_instruct,
                                        lr_instruct=lr_instruct, lm_loss=lm_loss,
-                                       closed_vqa_format=closed_vqa_format, progress=progress))
+                                       closed_vqa_format=closed_vqa_format, train_vision=train_vision,
+                                       progress=progress))
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(str(path))

@@ -382,3 +382,30 @@ def test_recipe_config_refuses_an_unknown_closed_vqa_format(tmp_path):
     assert RecipeConfig(out=str(tmp_path), closed_vqa_format="content").closed_vqa_format == "content"
     with pytest.raises(ValueError, match="closed_vqa_format must be one of letter, content"):
         RecipeConfig(out=str(tmp_path), closed_vqa_format="text")
+
+
+@pytest.mark.parametrize("train_vision", [False, True])
+def test_instruct_groups_train_the_tower_with_the_seg_module(tiny, tmp_path, train_vision):
+    """Stage 2's optimizer groups: every trainable value in exactly one group; the vision tower (with
+    train_vision) at the seg module's rate, and a step moves it; frozen, it is in no group and stays put."""
+    from m3d_edge.train.recipe import RecipeConfig, instruct_groups
+
+    _, collate = tiny
+    torch.manual_seed(0)
+    model = checkpoint.build(_shared_seg_tiny())
+    cfg = RecipeConfig(out=str(tmp_path), lr_instruct=1e-3, lr_seg=1e-3, lr_seg_instruct=2e-4,
+                       train_vision=train_vision, mixed_precision="no", progress=False)
+    params = stages.instruct_params(model, train_vision=cfg.train_vision)
+    groups = instruct_groups(cfg, model, params)
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in params) and len(set(grouped)) == len(grouped)
+    tower = {id(p) for p in model.vision_tower.parameters()}
+    module = {id(p) for p in model.seg_module.parameters()}
+    assert {id(p) for p in groups[2]["params"]} == (module | tower if train_vision else module)
+    assert groups[2]["lr"] == 2e-4 and groups[1]["lr"] == 1e-3 and "lr" not in groups[0]
+    before = {k: v.clone() for k, v in model.vision_tower.state_dict().items()}
+    run(model, groups, SampleList(samples(2)), collate, stages.lamed_loss,
+        TrainConfig(out=str(tmp_path / "run"), max_steps=1, batch_size=2, lr=cfg.lr_instruct, warmup_ratio=0.0,
+                    save_every=100, progress=False, mixed_precision="no"))
+    moved = [k for k, v in model.vision_tower.state_dict().items() if not torch.equal(before[k], v)]
+    assert bool(moved) == train_vision, moved

@@ -75,7 +75,8 @@ class RecipeConfig:
     lm_loss: str = "token"
     # stage 2's closed-VQA answers: "letter" = official "B. Liver"; "content" = "Liver. Choice B." (prompts.py)
     closed_vqa_format: str = "letter"
-    train_vision: bool = False  # stage 2 trains the vision tower too (official); False caches its features
+    # stage 2 trains the vision tower too (official; its rate: instruct_groups); False (v1-v5) caches its features
+    train_vision: bool = False
     mixed_precision: str = field(default_factory=lambda: "bf16" if cpu_supports_bf16() else "auto")
     progress: bool = True
 
@@ -418,6 +419,20 @@ def new_rows_only(embedding: torch.nn.Embedding, first_new: int) -> None:
     embedding.weight.register_hook(lambda g: g * mask.to(g.dtype))
 
 
+def instruct_groups(cfg: RecipeConfig, model, params: Sequence[nn.Parameter]) -> list[dict]:
+    """Stage 2's optimizer groups: LoRA, projector and new token rows at lr_instruct (the loop's rate); the seg
+    projector at lr_seg; the seg module at lr_seg_instruct, and with it the vision tower when it trains (the
+    warm-up taught the two together)."""
+    projector_ids = {id(p) for p in model.seg_projector.parameters()}
+    module_ids = {id(p) for p in model.seg_module.parameters()}
+    if cfg.train_vision:
+        module_ids |= {id(p) for p in model.vision_tower.parameters()}
+    module_lr = cfg.lr_seg if cfg.lr_seg_instruct is None else cfg.lr_seg_instruct
+    return [{"params": [p for p in params if id(p) not in projector_ids | module_ids]},
+            {"params": [p for p in params if id(p) in projector_ids], "lr": cfg.lr_seg},
+            {"params": [p for p in params if id(p) in module_ids], "lr": module_lr}]
+
+
 def train_instruct(cfg: RecipeConfig, model, collate, items: Sequence[TaskItem], out: Path) -> tuple[dict, dict]:
     mix = with_closed_vqa_format(instruct_mix(items, cfg.instruct_steps * cfg.batch, cfg.seed), cfg.closed_vqa_format)
     cache = None
@@ -433,12 +448,7 @@ def train_instruct(cfg: RecipeConfig, model, collate, items: Sequence[TaskItem],
     frozen_rows = model.cfg.im_patch_id * emb.weight.shape[1]  # pretrained embedding rows, gradient zeroed
     trainable = sum(p.numel() for p in params if p.requires_grad) - frozen_rows
     _log(f"instruct: {len(mix)} samples, {cfg.instruct_steps} steps, {trainable / 1e6:.1f} M trainable values")
-    projector_ids = {id(p) for p in model.seg_projector.parameters()}
-    module_ids = {id(p) for p in model.seg_module.parameters()}
-    module_lr = cfg.lr_seg if cfg.lr_seg_instruct is None else cfg.lr_seg_instruct
-    groups = [{"params": [p for p in params if id(p) not in projector_ids | module_ids]},
-              {"params": [p for p in params if id(p) in projector_ids], "lr": cfg.lr_seg},
-              {"params": [p for p in params if id(p) in module_ids], "lr": module_lr}]
+    groups = instruct_groups(cfg, model, params)
     dataset = TaskDataset(mix, with_images=cache is None)
     loss = functools.partial(stages.lamed_loss, per_sample=cfg.lm_loss == "sample")
     run(model, groups, dataset, cache.wrap(collate) if cache else collate, loss,
