@@ -12,8 +12,8 @@ feature sets and fits a multinomial logistic regression on the train split, scor
 - tower: mean and standard deviation over the vision tower's patch tokens;
 - projector: mean and standard deviation over the image tokens the LLM reads.
 
-The regression is L2-regularised, fitted with L-BFGS in torch (no scikit-learn in the environment). Prints a
-table; --out writes the accuracies as JSON.
+The regression is `m3d_edge.bench.probes.linear_probe` (L2-regularised, L-BFGS in torch). Prints a table;
+--out writes the accuracies as JSON.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from m3d_edge.bench.probes import linear_probe
 from m3d_edge.data.datasets import task_items
 from m3d_edge.model import checkpoint
 
@@ -60,26 +61,6 @@ def features(model, images: list[str]) -> dict[str, torch.Tensor]:
     return {k: torch.stack(v).float() for k, v in feats.items()}
 
 
-def probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, classes: int,
-          l2: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train and test predictions of an L2-regularised multinomial logistic regression on standardised features."""
-    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
-    a, b = (x_train - mu) / sd, (x_test - mu) / sd
-    w = torch.zeros(a.shape[1], classes, requires_grad=True)
-    bias = torch.zeros(classes, requires_grad=True)
-    opt = torch.optim.LBFGS([w, bias], max_iter=500, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(a @ w + bias, y_train) + l2 * w.square().sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return (a @ w + bias).argmax(1), (b @ w + bias).argmax(1)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", type=Path)
@@ -97,7 +78,7 @@ def main(argv=None) -> int:
     majority = float((y_test == torch.mode(y_train).values).float().mean())
     rows = {}
     for name in f_train:
-        pred_train, pred_test = probe(f_train[name], y_train, f_test[name], len(phases))
+        pred_train, pred_test = linear_probe(f_train[name], y_train, f_test[name], len(phases))
         rows[name] = {"dim": f_train[name].shape[1], "train": float((pred_train == y_train).float().mean()),
                       "test": float((pred_test == y_test).float().mean())}
     result = {"checkpoint": str(args.checkpoint), "phases": phases, "n_train": len(train), "n_test": len(test),
