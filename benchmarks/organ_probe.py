@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -34,9 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from m3d_edge.bench import metrics
-from m3d_edge.bench.evaluate import MAX_NEW, ask
-from m3d_edge.bench.probes import class_dice, linear_probe, patch_labels
-from m3d_edge.data.datasets import TaskDataset, task_items
+from m3d_edge.bench.evaluate import evaluate_split
+from m3d_edge.bench.probes import class_dice, linear_probe, mlp_probe, patch_labels
+from m3d_edge.data.datasets import task_items
 from m3d_edge.data.phantom import KEY_ORGANS
 from m3d_edge.model import checkpoint, llm as llm_mod
 from m3d_edge.model.vit3d import VisionTower
@@ -84,62 +83,43 @@ def occupancy_bound(mask: torch.Tensor, grid: tuple[int, int, int]) -> float:
     return metrics.dice(back.numpy(), mask.numpy())
 
 
-def mlp_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, classes: int, *,
-              steps: int = 400, batch: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train and test predictions of a two-hidden-layer MLP (256 wide), class-balanced like `linear_probe`."""
-    torch.manual_seed(0)
-    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
-    a, b = (x_train - mu) / sd, (x_test - mu) / sd
-    counts = torch.bincount(y_train, minlength=classes).float().clamp(min=1)
-    weight = (len(y_train) / (classes * counts)).sqrt()
-    net = torch.nn.Sequential(torch.nn.Linear(a.shape[1], 256), torch.nn.GELU(), torch.nn.Linear(256, 256),
-                              torch.nn.GELU(), torch.nn.Linear(256, classes))
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
-    for _ in range(steps):
-        idx = torch.randint(len(a), (min(batch, len(a)),))
-        opt.zero_grad()
-        F.cross_entropy(net(a[idx]), y_train[idx], weight=weight).backward()
-        opt.step()
-    with torch.no_grad():
-        return net(a).argmax(1), net(b).argmax(1)
-
-
 @torch.no_grad()
-def patch_data(model, random_tower, cases) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, dict]]:
-    """Features and labels of every patch of `cases`, and per organ the two occupancy bounds of each mask."""
+def patch_data(model, random_tower, cases) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Features and labels of every patch of `cases`."""
     vision = model.cfg.vision
-    decoder_grid = tuple(4 * g for g in vision.grid)
     feats: dict[str, list[torch.Tensor]] = defaultdict(list)
     labels = []
-    bounds: dict[str, dict[str, list[float]]] = {o: {"patch_grid": [], "decoder_grid": []} for o in KEY_ORGANS}
     for image, masks in cases:
         x = torch.from_numpy(np.load(image)).float().reshape(1, 1, *vision.image_size)
         feats["tower"].append(model.vision_features(x)[0])
         feats["fresh tower"].append(random_tower(x)[0])
         feats["raw patch + position"].append(raw_patch_features(x, vision.patch_size))
+        labels.append(patch_labels(load_masks(masks, tuple(vision.image_size)), vision.patch_size))
+    return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels)
+
+
+def resolution_bounds(vision, cases) -> dict[str, dict]:
+    """Per organ, the mean Dice its masks keep at the patch grid and at the decoder's output grid, and their count."""
+    decoder_grid = tuple(4 * g for g in vision.grid)
+    kept: dict[str, dict[str, list[float]]] = {o: {"patch_grid": [], "decoder_grid": []} for o in KEY_ORGANS}
+    for _, masks in cases:
         m = load_masks(masks, tuple(vision.image_size))
-        labels.append(patch_labels(m, vision.patch_size))
         for k, organ in enumerate(KEY_ORGANS):
             if organ in masks and m[k].any():
-                bounds[organ]["patch_grid"].append(occupancy_bound(m[k], vision.grid))
-                bounds[organ]["decoder_grid"].append(occupancy_bound(m[k], decoder_grid))
-    return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels), bounds
+                kept[organ]["patch_grid"].append(occupancy_bound(m[k], vision.grid))
+                kept[organ]["decoder_grid"].append(occupancy_bound(m[k], decoder_grid))
+    return {organ: {grid: float(np.mean(v)) for grid, v in b.items()} | {"masks": len(b["patch_grid"])}
+            for organ, b in kept.items()}
 
 
 def seg_fit(model, tok, data: Path, split: str, per_organ: int) -> dict[str, float]:
-    """Mean [SEG] Dice per key organ over `per_organ` seg items of each organ of `split` (seeded choice)."""
-    items = [it for it in task_items(data, split, ("seg",)) if it.mask is not None]
-    rng = random.Random(0)
-    chosen = []
-    for organ in KEY_ORGANS:
-        pool = [it for it in items if it.target == organ]
-        chosen += rng.sample(pool, min(per_organ, len(pool)))
-    ds = TaskDataset(chosen)
+    """Mean [SEG] Dice per key organ over `per_organ` seg items of each organ of `split`, chosen and scored as
+    `m3d-edge eval` does (its rows for the other seg classes are left out)."""
+    rows = evaluate_split(model, tok, data, split, per_task=per_organ, tasks=("seg",), progress=False)["rows"]
     scores: dict[str, list[float]] = defaultdict(list)
-    for i, it in enumerate(chosen):
-        sample = ds[i]
-        _, logits = ask(model, tok, torch.from_numpy(sample.image)[None], sample.question, MAX_NEW["seg"])
-        scores[it.target].append(metrics.dice(logits > 0, sample.mask[0]) if logits is not None else 0.0)
+    for row in rows:
+        if row["target"] in KEY_ORGANS:
+            scores[row["target"]].append(row["dice"])
     return {organ: float(np.mean(v)) for organ, v in scores.items()}
 
 
@@ -159,10 +139,10 @@ def main(argv=None) -> int:
     fresh = VisionTower(model.cfg.vision).eval()  # seeded above: the same fresh tower every run
     result: dict = {"checkpoint": str(args.checkpoint), "organs": list(KEY_ORGANS)}
     result["seg_fit"] = {split: seg_fit(model, tok, args.data, split, args.seg_items) for split in ("train", "test")}
-    x_train, y_train, _ = patch_data(model, fresh, seg_cases(args.data, "train", args.train_cases))
-    x_test, y_test, bounds = patch_data(model, fresh, seg_cases(args.data, "test", args.test_cases))
-    result["bounds"] = {organ: {grid: float(np.mean(v)) for grid, v in b.items()} | {"masks": len(b["patch_grid"])}
-                        for organ, b in bounds.items()}
+    test_cases = seg_cases(args.data, "test", args.test_cases)
+    x_train, y_train = patch_data(model, fresh, seg_cases(args.data, "train", args.train_cases))
+    x_test, y_test = patch_data(model, fresh, test_cases)
+    result["bounds"] = resolution_bounds(model.cfg.vision, test_cases)
     result["test_patches_per_class"] = torch.bincount(y_test, minlength=CLASSES).tolist()
     probes = {}
     for name in x_train:

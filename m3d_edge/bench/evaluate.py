@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from m3d_edge.bench import metrics
-from m3d_edge.data.datasets import TaskDataset, TaskItem, task_items
+from m3d_edge.data.datasets import TASKS, TaskDataset, TaskItem, task_items
 from m3d_edge.data.phantom import KEY_ORGANS
 from m3d_edge.data.prompts import image_prompt, parse_boxes
 
@@ -37,12 +37,12 @@ def ask(model, tok, image: torch.Tensor, question: str, max_new_tokens: int):
 
 
 def evaluate_split(model, tok, data: str | Path, split: str = "test", *, per_task: int = 30, seed: int = 0,
-                   organs: Sequence[str] = KEY_ORGANS, progress: bool = True) -> dict:
-    """Metrics per task on at most `per_task` samples of each task of `split`; semantic seg also scores up to
-    `per_task` cases of each of `organs`, so that their per-organ Dice rests on more than a few masks."""
+                   organs: Sequence[str] = KEY_ORGANS, tasks: Sequence[str] = TASKS, progress: bool = True) -> dict:
+    """Metrics per task on at most `per_task` samples of each of `tasks` in `split`; semantic seg also scores up
+    to `per_task` cases of each of `organs`, so that their per-organ Dice rests on more than a few masks."""
     from tqdm.auto import tqdm
 
-    items = task_items(data, split, seed=seed)
+    items = task_items(data, split, tasks, seed=seed)
     rng = random.Random(seed)
     chosen: list[TaskItem] = []
     by_task: dict[str, list[TaskItem]] = defaultdict(list)

@@ -1,8 +1,8 @@
 """Probes of what a vision tower has learned: a linear classifier on frozen features, and patch-level organ labels.
 
 `benchmarks/phase_probe.py` asks whether the contrast phase survives the tower; `benchmarks/organ_probe.py` asks
-whether its patch tokens tell the key organs apart. Both fit the same L2-regularised multinomial logistic
-regression, here with L-BFGS in torch: scikit-learn is not a dependency, and a probe of a few hundred thousand
+whether its patch tokens tell the key organs apart (and sets a small MLP beside the linear fit). Both fit the same
+L2-regularised multinomial logistic regression, here with L-BFGS in torch: scikit-learn is not a dependency, and a probe of a few hundred thousand
 rows by a few hundred features is one small convex problem.
 """
 
@@ -14,6 +14,18 @@ import torch.nn.functional as F
 from m3d_edge.bench import metrics
 
 
+def standardise(x_train: torch.Tensor, x_test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both feature sets scaled by the train set's per-feature mean and standard deviation."""
+    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+    return (x_train - mu) / sd, (x_test - mu) / sd
+
+
+def balanced_weights(y: torch.Tensor, classes: int) -> torch.Tensor:
+    """Per-class loss weights: the square root of the inverse class frequency (1 for equal classes)."""
+    counts = torch.bincount(y, minlength=classes).float().clamp(min=1)
+    return (len(y) / (classes * counts)).sqrt()
+
+
 def linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, classes: int, *,
                  l2: float = 1e-2, balanced: bool = False, max_iter: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """Train and test predictions of a multinomial logistic regression on standardised features.
@@ -22,12 +34,8 @@ def linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Ten
     square root of its inverse frequency, so that a class of a few percent of the rows (an organ among background
     patches) is not simply never predicted; the full inverse would trade too much precision for recall.
     """
-    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
-    a, b = (x_train - mu) / sd, (x_test - mu) / sd
-    weight = None
-    if balanced:
-        counts = torch.bincount(y_train, minlength=classes).float().clamp(min=1)
-        weight = (len(y_train) / (classes * counts)).sqrt()
+    a, b = standardise(x_train, x_test)
+    weight = balanced_weights(y_train, classes) if balanced else None
     w = torch.zeros(a.shape[1], classes, requires_grad=True)
     bias = torch.zeros(classes, requires_grad=True)
     opt = torch.optim.LBFGS([w, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
@@ -41,6 +49,25 @@ def linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Ten
     opt.step(closure)
     with torch.no_grad():
         return (a @ w + bias).argmax(1), (b @ w + bias).argmax(1)
+
+
+def mlp_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, classes: int, *,
+              steps: int = 400, batch: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and test predictions of a two-hidden-layer MLP (256 wide, AdamW, seed 0), class-balanced as
+    `linear_probe(balanced=True)`: what a non-linear classifier gets from the same features."""
+    torch.manual_seed(0)
+    a, b = standardise(x_train, x_test)
+    weight = balanced_weights(y_train, classes)
+    net = torch.nn.Sequential(torch.nn.Linear(a.shape[1], 256), torch.nn.GELU(), torch.nn.Linear(256, 256),
+                              torch.nn.GELU(), torch.nn.Linear(256, classes))
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    for _ in range(steps):
+        idx = torch.randint(len(a), (min(batch, len(a)),))
+        opt.zero_grad()
+        F.cross_entropy(net(a[idx]), y_train[idx], weight=weight).backward()
+        opt.step()
+    with torch.no_grad():
+        return net(a).argmax(1), net(b).argmax(1)
 
 
 def patch_labels(masks: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
