@@ -17,6 +17,23 @@ from m3d_edge.export import DEFAULT_LLM, EXPORT_REVISION, LLM_PRECISIONS  # torc
 @click.version_option(__version__, prog_name="m3d-edge")
 def main() -> None:
     """M3D-Edge: run M3D-LaMed, a 3D medical multimodal LLM, next to the scanner."""
+    offline_by_default()
+
+
+def offline_by_default() -> None:
+    """Every command runs without the network: weights come from the checkpoint folder, pip packages or a bundle.
+
+    Without HF_HUB_OFFLINE, importing bitsandbytes (transformers does, when it loads a model) asks the Hugging Face
+    Hub about an optional CPU kernel (kernels-community/quantization-bitsandbytes) on CPUs with AVX512-BF16, and
+    logs a warning when that fails. We never use that kernel (NF4 runs bitsandbytes' own CPU code), so the Hub is
+    not asked and the warning, which would tell the user to install something, is not shown. A user who sets
+    HF_HUB_OFFLINE=0 explicitly keeps it.
+    """
+    import logging
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 @main.command()

@@ -9,7 +9,10 @@ runs on real numbers.
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -146,6 +149,8 @@ def test_built_from_names_the_checkpoint_and_the_export_revision(bundle_dir, tmp
     kept.mkdir()
     (kept / "manifest.json").write_text(json.dumps(manifest))
     assert built_from(kept, ck) and not built_from(kept, None)
+    (ck / "README.md").write_text("a model card, edited")  # prose: the same weights, the same bundle
+    assert built_from(kept, ck)
     (ck / "model.safetensors").write_bytes(b"weights v2")  # retrained: the kept bundle is stale
     assert not built_from(kept, ck)
     (ck / "model.safetensors").write_bytes(b"weights v1")
@@ -171,6 +176,27 @@ def test_cli_finds_a_cached_default_bundle_without_torch(tmp_path):
         "loaded = [m for m, mod in sys.modules.items() if mod is not None and m.startswith(heavy)]\n"
         "assert not loaded, loaded\n"
     ))
+
+
+
+def test_cli_commands_run_offline_and_bitsandbytes_stays_quiet():
+    """Every m3d-edge command sets HF_HUB_OFFLINE unless the user chose; importing bitsandbytes afterwards (as
+    transformers does at model load) neither asks the Hub for its optional CPU kernel nor tells the user to install
+    one."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    code = ("import os\n"
+            "from click.testing import CliRunner\n"
+            "from m3d_edge import cli\n"
+            "assert CliRunner().invoke(cli.main, ['info', '--json']).exit_code == 0\n"
+            "assert os.environ['HF_HUB_OFFLINE'] == '1'\n"
+            "import bitsandbytes\n")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "kernels-community" not in done.stderr and "trust" not in done.stderr, done.stderr
+    env["HF_HUB_OFFLINE"] = "0"  # an explicit choice stays
+    done = subprocess.run([sys.executable, "-c", "import os\nfrom m3d_edge import cli\ncli.offline_by_default()\n"
+                           "assert os.environ['HF_HUB_OFFLINE'] == '0'"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 # -- (b) equivalence with the torch model ---------------------------------------------------------------------------

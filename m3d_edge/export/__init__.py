@@ -27,12 +27,18 @@ DEFAULT_LLM = "int4-q41-lora8"
 EXPORT_REVISION = 2
 
 
+# What a checkpoint folder holds for people, not for the loader: the model card and its held-out metrics. Editing
+# them must not make a cached bundle of the same weights stale.
+CHECKPOINT_DOCS = ("README.md", "eval.json")
+
+
 def checkpoint_digest(folder: str | Path) -> str:
-    """One sha256 over a checkpoint folder: each file's name and sha256, sorted (sub-folders excluded)."""
+    """One sha256 over a checkpoint folder: each file's name and sha256, sorted (sub-folders and CHECKPOINT_DOCS
+    excluded)."""
     from m3d_edge.runtime.bundle import sha256_file
 
     h = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name not in CHECKPOINT_DOCS):
         h.update(f"{path.name}\0{sha256_file(path)}\n".encode())
     return h.hexdigest()
 

@@ -428,7 +428,8 @@ def instruct_groups(cfg: RecipeConfig, model, params: Sequence[nn.Parameter]) ->
     if cfg.train_vision:
         module_ids |= {id(p) for p in model.vision_tower.parameters()}
     module_lr = cfg.lr_seg if cfg.lr_seg_instruct is None else cfg.lr_seg_instruct
-    return [{"params": [p for p in params if id(p) not in projector_ids | module_ids]},
+    seg_ids = projector_ids | module_ids
+    return [{"params": [p for p in params if id(p) not in seg_ids]},
             {"params": [p for p in params if id(p) in projector_ids], "lr": cfg.lr_seg},
             {"params": [p for p in params if id(p) in module_ids], "lr": module_lr}]
 
