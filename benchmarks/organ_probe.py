@@ -7,6 +7,8 @@ phantom-small's [SEG] masks reach a liver Dice of about 0.6 and kidney Dice of 0
 
 1. Fit: the model's [SEG] Dice per key organ on train-split items against test-split items (greedy answers to the
    seg questions, as `m3d-edge eval` scores them). Equal figures mean the model underfits; it does not overfit.
+   Placement: on the test items, how far each mask's centre lies from the organ's, per axis, and whether it moves
+   with the organ from scan to scan (the slope of the predicted centre on the true one).
 2. Resolution bounds, per organ: the Dice a test mask keeps when it is known only as its cover of each ViT patch,
    or of each voxel of the mask decoder's output grid (area-averaged down, trilinear up, > 0.5). The first is what
    a decoder that knew only which patches hold the organ could reach; the second what the output grid allows.
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 
 from m3d_edge.bench import metrics
 from m3d_edge.bench.evaluate import evaluate_split
-from m3d_edge.bench.probes import class_dice, linear_probe, mlp_probe, patch_labels
+from m3d_edge.bench.probes import class_dice, linear_probe, mask_placement, mlp_probe, patch_labels
 from m3d_edge.data.datasets import task_items
 from m3d_edge.data.phantom import KEY_ORGANS
 from m3d_edge.model import checkpoint, llm as llm_mod
@@ -112,14 +114,17 @@ def resolution_bounds(vision, cases) -> dict[str, dict]:
             for organ, b in kept.items()}
 
 
-def seg_fit(model, tok, data: Path, split: str, per_organ: int) -> dict[str, float]:
-    """Mean [SEG] Dice per key organ over `per_organ` seg items of each organ of `split`, chosen and scored as
-    `m3d-edge eval` does (its rows for the other seg classes are left out)."""
+def seg_rows(model, tok, data: Path, split: str, per_organ: int) -> list[dict]:
+    """`m3d-edge eval`'s rows for `per_organ` seg items of each key organ of `split` (other seg classes left out)."""
     rows = evaluate_split(model, tok, data, split, per_task=per_organ, tasks=("seg",), progress=False)["rows"]
+    return [row for row in rows if row["target"] in KEY_ORGANS]
+
+
+def seg_fit(rows: list[dict]) -> dict[str, float]:
+    """Mean [SEG] Dice per key organ."""
     scores: dict[str, list[float]] = defaultdict(list)
     for row in rows:
-        if row["target"] in KEY_ORGANS:
-            scores[row["target"]].append(row["dice"])
+        scores[row["target"]].append(row["dice"])
     return {organ: float(np.mean(v)) for organ, v in scores.items()}
 
 
@@ -138,7 +143,9 @@ def main(argv=None) -> int:
     tok = llm_mod.load_tokenizer(model.cfg.llm, args.checkpoint)
     fresh = VisionTower(model.cfg.vision).eval()  # seeded above: the same fresh tower every run
     result: dict = {"checkpoint": str(args.checkpoint), "organs": list(KEY_ORGANS)}
-    result["seg_fit"] = {split: seg_fit(model, tok, args.data, split, args.seg_items) for split in ("train", "test")}
+    rows = {split: seg_rows(model, tok, args.data, split, args.seg_items) for split in ("train", "test")}
+    result["seg_fit"] = {split: seg_fit(r) for split, r in rows.items()}
+    result["placement"] = mask_placement(rows["test"], KEY_ORGANS)
     test_cases = seg_cases(args.data, "test", args.test_cases)
     x_train, y_train = patch_data(model, fresh, seg_cases(args.data, "train", args.train_cases))
     x_test, y_test = patch_data(model, fresh, test_cases)
@@ -161,6 +168,11 @@ def main(argv=None) -> int:
     fit = result["seg_fit"]
     print(f"| {args.seg_items} items per organ | {fmt([fit['train'][o] for o in KEY_ORGANS])} | "
           f"{fmt([fit['test'][o] for o in KEY_ORGANS])} |")
+    print("\n| test [SEG] masks, z / y / x (voxels) | items | centre error | slope, predicted on true centre "
+          "| spread of true centres |\n|---|---|---|---|---|")
+    for organ, p in result["placement"].items():
+        print(f"| {organ} | {p['items']} | " + " | ".join(" / ".join(f"{v:.1f}" if key != "slope" else f"{v:.2f}"
+              for v in p[key]) for key in ("abs_error", "slope", "true_spread")) + " |")
     b = result["bounds"]
     print(f"\n| Dice a mask keeps ({organs}) | patch grid {tuple(model.cfg.vision.grid)} | decoder's output grid |"
           "\n|---|---|---|")

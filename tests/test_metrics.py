@@ -39,3 +39,11 @@ def test_soft_and_hard_dice():
     assert metrics.soft_dice(logits, t) == pytest.approx(2 * 32 / (32 + 32 + 1))
     assert metrics.soft_dice(np.full_like(t, -np.inf), t) == 0.0
     assert metrics.dice(t, t) == 1.0 and metrics.dice(t, 1 - t) == 0.0
+
+
+def test_mask_centre():
+    m = np.zeros((4, 6, 8))
+    m[1:3, 2, 5] = 1  # voxels (1, 2, 5) and (2, 2, 5)
+    m[3, 5, 0] = 1
+    assert metrics.mask_centre(m) == pytest.approx([2.0, 3.0, 10 / 3])
+    assert metrics.mask_centre(np.zeros((2, 2, 2))) is None

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from m3d_edge.bench.probes import class_dice, linear_probe, patch_labels
+from m3d_edge.bench.probes import class_dice, linear_probe, mask_placement, patch_labels
 
 
 def test_linear_probe_separates_separable_classes_and_balancing_finds_a_rare_one():
@@ -41,3 +41,18 @@ def test_class_dice_per_class():
     pred = torch.tensor([1, 1, 0, 2, 2, 0])
     assert class_dice(pred, target, 3) == pytest.approx([2 * 1 / (2 + 2), 1.0])
     assert class_dice(pred, target, 4)[2] == 1.0  # absent from both: metrics.dice's convention
+
+
+def test_mask_placement_slope_error_and_spread():
+    """Masks that move half as far as the organ, along z only, shifted by one slice: slope 0.5 on z; in-plane
+    they follow exactly."""
+    true_z = [4.0, 8.0, 12.0, 16.0]
+    rows = [{"target": "liver", "target_centre": [z, 10.0 + z, 20.0 - z], "centre": [0.5 * z + 5, 10.0 + z, 20.0 - z]}
+            for z in true_z]
+    rows += [{"target": "spleen", "target_centre": [1.0, 1.0, 1.0], "centre": None}] * 5  # empty masks: no centre
+    got = mask_placement(rows, ("liver", "spleen"))
+    assert set(got) == {"liver"} and got["liver"]["items"] == 4
+    assert got["liver"]["slope"] == pytest.approx([0.5, 1.0, 1.0])
+    errors = [abs(0.5 * z + 5 - z) for z in true_z]  # 3, 1, 1, 3
+    assert got["liver"]["abs_error"] == pytest.approx([sum(errors) / 4, 0.0, 0.0])
+    assert got["liver"]["true_spread"][0] == pytest.approx(torch.tensor(true_z).std(unbiased=False).item())

@@ -67,6 +67,9 @@ def evaluate_split(model, tok, data: str | Path, split: str = "test", *, per_tas
             target = sample.mask[0] if sample.mask is not None else np.zeros(sample.image.shape[1:])
             row["dice"] = metrics.dice(logits > 0, target) if logits is not None else 0.0
             row["soft_dice"] = metrics.soft_dice(logits, target) if logits is not None else 0.0
+            # where the mask lies, beside how well it overlaps (voxel indices z, y, x; None: empty)
+            row["centre"] = metrics.mask_centre(logits > 0) if logits is not None else None
+            row["target_centre"] = metrics.mask_centre(target)
         if it.task == "rec" and it.target:
             target_box = [float(v) for v in it.target.strip("[]").split(",")]
             boxes = parse_boxes(text)

@@ -8,7 +8,7 @@ Closed-VQA accuracy, REC IoU and soft Dice follow the official definitions exact
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -65,6 +65,12 @@ def dice(pred: np.ndarray, target: np.ndarray) -> float:
     a, b = pred > 0, target > 0
     denom = a.sum() + b.sum()
     return 1.0 if denom == 0 else float(2 * (a & b).sum() / denom)
+
+
+def mask_centre(mask: np.ndarray) -> Optional[list[float]]:
+    """Centre of mass of a binary mask (> 0), as a voxel index per axis; None when the mask is empty."""
+    where = np.nonzero(mask > 0)
+    return [float(i.mean()) for i in where] if where[0].size else None
 
 
 def _check(a: Sequence, b: Sequence) -> None:

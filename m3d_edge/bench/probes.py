@@ -1,4 +1,5 @@
-"""Probes of what a vision tower has learned: a linear classifier on frozen features, and patch-level organ labels.
+"""Probes of what a vision tower has learned: a linear classifier on frozen features, and patch-level organ labels;
+and where a model's masks lie against the organs they name (mask_placement).
 
 `benchmarks/phase_probe.py` asks whether the contrast phase survives the tower; `benchmarks/organ_probe.py` asks
 whether its patch tokens tell the key organs apart (and sets a small MLP beside the linear fit). Both fit the same
@@ -8,6 +9,9 @@ rows by a few hundred features is one small convex problem.
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -82,3 +86,22 @@ def patch_labels(masks: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tens
 def class_dice(pred: torch.Tensor, target: torch.Tensor, classes: int) -> list[float]:
     """Dice of each foreground class 1..classes-1 between two label vectors (`metrics.dice`, per class)."""
     return [metrics.dice((pred == c).numpy(), (target == c).numpy()) for c in range(1, classes)]
+
+
+def mask_placement(rows: Sequence[dict], organs: Sequence[str]) -> dict[str, dict]:
+    """Where predicted masks lie against where the organ lies, per organ and axis (z, y, x), from `m3d-edge eval`
+    seg rows (their "target" organ, "centre" and "target_centre", voxel indices): the mean absolute error of the
+    centre, the slope of the predicted centre regressed on the true one (1: the mask moves with the organ from scan
+    to scan; 0: it sits at one place whatever the scan), and the spread (std) of the true centres. Organs with
+    fewer than three rows that have both centres are left out."""
+    out = {}
+    for organ in organs:
+        pairs = [(r["centre"], r["target_centre"]) for r in rows
+                 if r["target"] == organ and r.get("centre") is not None and r.get("target_centre") is not None]
+        if len(pairs) < 3:
+            continue
+        pred, true = (np.array(v, dtype=np.float64) for v in zip(*pairs))  # [n, 3] each
+        out[organ] = {"items": len(pairs), "abs_error": np.abs(pred - true).mean(0).tolist(),
+                      "slope": [float(np.polyfit(true[:, k], pred[:, k], 1)[0]) for k in range(true.shape[1])],
+                      "true_spread": true.std(0).tolist()}
+    return out
