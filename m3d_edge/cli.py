@@ -23,17 +23,19 @@ def main() -> None:
 def offline_by_default() -> None:
     """Every command runs without the network: weights come from the checkpoint folder, pip packages or a bundle.
 
-    Without HF_HUB_OFFLINE, importing bitsandbytes (transformers does, when it loads a model) asks the Hugging Face
-    Hub about an optional CPU kernel (kernels-community/quantization-bitsandbytes) on CPUs with AVX512-BF16, and
-    logs a warning when that fails. We never use that kernel (NF4 runs bitsandbytes' own CPU code), so the Hub is
-    not asked and the warning, which would tell the user to install something, is not shown. A user who sets
-    HF_HUB_OFFLINE=0 explicitly keeps it.
+    Without HF_HUB_OFFLINE, importing bitsandbytes (transformers does, when it loads a model or reports versions)
+    asks the Hugging Face Hub, through the `kernels` package, about an optional CPU kernel
+    (kernels-community/quantization-bitsandbytes) on CPUs with AVX512-BF16, and logs a warning when that fails;
+    offline, `kernels` warns that it skipped the check. We never use that kernel (NF4 runs bitsandbytes' own CPU
+    code), so the Hub is not asked and neither warning, which would tell the user to install or trust something,
+    is shown. A user who sets HF_HUB_OFFLINE=0 explicitly keeps it.
     """
     import logging
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @main.command()
