@@ -171,8 +171,9 @@ def main(argv=None) -> int:
     print("\n| test [SEG] masks, z / y / x (voxels) | items | centre error | slope, predicted on true centre "
           "| spread of true centres |\n|---|---|---|---|---|")
     for organ, p in result["placement"].items():
-        print(f"| {organ} | {p['items']} | " + " | ".join(" / ".join(f"{v:.1f}" if key != "slope" else f"{v:.2f}"
-              for v in p[key]) for key in ("abs_error", "slope", "true_spread")) + " |")
+        cells = [" / ".join(f"{v:{spec}}" for v in p[key])
+                 for key, spec in (("abs_error", ".1f"), ("slope", ".2f"), ("true_spread", ".1f"))]
+        print(f"| {organ} | {p['items']} | {' | '.join(cells)} |")
     b = result["bounds"]
     print(f"\n| Dice a mask keeps ({organs}) | patch grid {tuple(model.cfg.vision.grid)} | decoder's output grid |"
           "\n|---|---|---|")
