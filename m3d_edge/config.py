@@ -128,6 +128,9 @@ class SegConfig:
     `embed_dim` must equal the vision `mm_hidden_size`: the seg prompt comes out of seg_projector with that width.
     With `share_vision_encoder` the module reads the LLM vision tower's patch features instead of running its own
     ViT (our presets only; official checkpoints keep two encoders).
+    `detail_channels` (ours; 0 = official, none): the width of a small 3-D conv U-Net that reads the image at the
+    mask decoder's output grid and adds its features to the upscaled image embedding (`segvol.DetailNet`), so that
+    a mask can follow an organ's edge inside a ViT patch.
     """
 
     kind: str = "segvol"
@@ -144,9 +147,13 @@ class SegConfig:
     iou_head_depth: int = 3
     iou_head_hidden: int = 256
     share_vision_encoder: bool = False
+    detail_channels: int = 0
 
     def __post_init__(self) -> None:
         _choice("segmentation_module", self.kind, SEG_KINDS)
+        if not isinstance(self.detail_channels, int) or self.detail_channels < 0 or self.detail_channels % 4:
+            raise ValueError(f"seg detail_channels must be 0 (none) or a positive multiple of 4 (group norm in "
+                             f"groups of 4), got {self.detail_channels!r}")
         _positive(self, "embed_dim", "encoder_mlp_dim", "encoder_layers", "encoder_heads", "mask_in_chans",
                   "decoder_depth", "decoder_mlp_dim", "decoder_heads", "attention_downsample",
                   "num_multimask_outputs", "iou_head_depth", "iou_head_hidden")
@@ -323,6 +330,8 @@ class ModelConfig:
             dims["vision_tower"] = {"hidden_size": v.hidden_size, "mlp_dim": v.mlp_dim,
                                     "num_layers": v.num_layers, "num_heads": v.num_heads}
         if s is not None and s != SegConfig(share_vision_encoder=s.share_vision_encoder):
+            if s.detail_channels:
+                raise ValueError("a model whose seg module has a detail path (ours) has no official layout")
             if s.share_vision_encoder:
                 raise ValueError("a model whose seg module shares the vision encoder has no official layout")
             dims["seg_module"] = {

@@ -1,6 +1,7 @@
 """Checkpoint loading is general (other official shapes, shard layouts, Phi-3) and strict (clear errors)."""
 
 import argparse
+import dataclasses
 import json
 import shutil
 
@@ -65,13 +66,27 @@ def test_official_phi3_layouts_round_trip(phi3_model, tmp_path, layout):
     assert torch.equal(outputs(loaded), outputs(phi3_model))
 
 
-def test_our_folder_round_trip_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("detail_channels", [0, 4])
+def test_our_folder_round_trip_is_bit_exact(tmp_path, detail_channels):
+    cfg = preset("tiny")
+    cfg = dataclasses.replace(cfg, seg=dataclasses.replace(cfg.seg, detail_channels=detail_channels))
     torch.manual_seed(1)
-    model = checkpoint.build(preset("tiny")).eval()
+    model = checkpoint.build(cfg).eval()
     loaded = checkpoint.load(checkpoint.save(model, tmp_path / "ours"))
-    assert loaded.cfg == model.cfg
+    assert loaded.cfg == model.cfg and loaded.cfg.seg.detail_channels == detail_channels
+    assert any(k.startswith("seg_module.detail.") for k in loaded.state_dict()) == bool(detail_channels)
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
+
+
+def test_seg_detail_path_config_is_checked():
+    """A detail width that group norm cannot split is refused; a model with the path (ours) has no official
+    layout."""
+    cfg = preset("tiny")
+    with pytest.raises(ValueError, match="detail_channels must be 0 .* multiple of 4"):
+        dataclasses.replace(cfg.seg, detail_channels=6)
+    with pytest.raises(ValueError, match="detail path .* no official layout"):
+        dataclasses.replace(cfg, seg=dataclasses.replace(cfg.seg, detail_channels=8)).to_official()
 
 
 def test_official_config_round_trip(fixture_dir):

@@ -88,18 +88,23 @@ def make_decoder(model, path, table=None, max_length=512):
 
 # -- vision and segmentation graphs --------------------------------------------------------------------------------
 
-def _shared_tiny():
+def _shared_tiny(detail_channels: int = 0):
     cfg = preset("tiny")
-    cfg = dataclasses.replace(cfg, seg=dataclasses.replace(cfg.seg, share_vision_encoder=True))
+    cfg = dataclasses.replace(cfg, seg=dataclasses.replace(cfg.seg, share_vision_encoder=True,
+                                                           detail_channels=detail_channels))
     torch.manual_seed(0)
-    return checkpoint.build(cfg).eval()
+    model = checkpoint.build(cfg).eval()
+    if detail_channels:  # the path's last layer starts at zero: give it weights, or the test could not fail
+        torch.nn.init.normal_(model.seg_module.detail.out.weight, std=0.5)
+    return model
 
 
-@pytest.mark.parametrize("which", ["official", "shared"])
+@pytest.mark.parametrize("which", ["official", "shared", "detail"])
 def test_vision_and_seg_graphs_match_torch(which, official, tmp_path):
-    model = official if which == "official" else _shared_tiny()
+    """... and a seg module with a detail path (ours) reads the images in seg_decoder.onnx."""
+    model = {"official": lambda: official, "shared": _shared_tiny, "detail": lambda: _shared_tiny(4)}[which]()
     paths = onnx_export.export_all(model, tmp_path)
-    shared = which == "shared"
+    shared = which != "official"
     assert sorted(paths) == (["seg_decoder", "vision"] if shared else ["seg_decoder", "seg_encoder", "vision"])
     g = torch.Generator().manual_seed(1)
     images = torch.rand((2, 1, 32, 256, 256), generator=g)  # batch 2: the batch axis is dynamic
@@ -123,6 +128,11 @@ def test_vision_and_seg_graphs_match_torch(which, official, tmp_path):
         assert emb.shape == (2, model.cfg.seg.embed_dim, 8, 16, 16)
         assert rel_err(emb, embedding) <= 1e-4, f"seg_encoder.onnx rel err {rel_err(emb, embedding):.2e}"
         image_in = {"seg_embedding": emb}
+    if which == "detail":
+        image_in["images"] = images.numpy()
+        with torch.no_grad():
+            assert rel_err(model.seg_module.decode(embedding, model.seg_projector(seg_hidden),
+                                                   detail=torch.zeros(1, 12, 32, 64, 64)), masks) > 1e-2
     logits = session(paths["seg_decoder"]).run(None, {**image_in, "seg_hidden": seg_hidden.numpy()})[0]
     assert logits.shape == (2, 1, 32, 256, 256)
     assert rel_err(logits, masks) <= 1e-4, f"seg_decoder.onnx rel err {rel_err(logits, masks):.2e}"

@@ -40,12 +40,15 @@ BOX_TEXT = "[0.125, 0.332, 0.1, 0.5, 0.7, 0.6]"
 MAX_NEW = 48  # room for a forced box (36 byte tokens) and some free text
 
 
-def _model(placement: str, shared: bool, seed: int):
+def _model(placement: str, shared: bool, seed: int, detail_channels: int = 0):
     cfg = preset("tiny")
     cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, image_placement=placement),
-                              seg=dataclasses.replace(cfg.seg, share_vision_encoder=shared))
+                              seg=dataclasses.replace(cfg.seg, share_vision_encoder=shared,
+                                                      detail_channels=detail_channels))
     torch.manual_seed(seed)
     model = checkpoint.build(cfg).eval()
+    if detail_channels:  # the path's last layer starts at zero: weights, so that the runtime must feed it
+        torch.nn.init.normal_(model.seg_module.detail.out.weight, std=0.1)
     # the bundle stores the embedding table as float16; give torch the same numbers so the comparison is exact
     # (the fp16 table's own cost is measured in test_export)
     with torch.no_grad():
@@ -57,8 +60,10 @@ def _model(placement: str, shared: bool, seed: int):
 def models_and_bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("runtime-bundles")
     out = {}
-    for name, placement, shared, seed in (("positional", "positional", False, 0), ("by_id", "by_id", True, 1)):
-        model = _model(placement, shared, seed)
+    # the by_id model also has a seg detail path (ours), which reads the model input in seg_decoder.onnx
+    for name, placement, shared, seed, detail in (("positional", "positional", False, 0, 0),
+                                                  ("by_id", "by_id", True, 1, 4)):
+        model = _model(placement, shared, seed, detail)
         out[name] = (model, bundle_export.build(model, root / name, llm="fp32", progress=False))
     return out
 

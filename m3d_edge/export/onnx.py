@@ -9,7 +9,8 @@ the mask decoder runs only when the answer holds [SEG].
                       feeds the mask decoder without running the ViT a second time)
     seg_encoder.onnx  images [B, 1, 32, 256, 256] -> seg_embedding [B, E, 8, 16, 16]      (only when not shared)
     seg_decoder.onnx  (seg_embedding [B, E, 8, 16, 16] | patch_tokens [B, 2048, C] when shared,
-                       seg_hidden [B, H_llm]) -> mask_logits [B, 1, 32, 256, 256]
+                       seg_hidden [B, H_llm] (, images [B, 1, 32, 256, 256] with a seg detail path))
+                      -> mask_logits [B, 1, 32, 256, 256]
 
 The mask decoder's image input is named after the tensor that feeds it (`seg_embedding` from seg_encoder.onnx,
 `patch_tokens` from vision.onnx), so the runtime joins outputs to inputs by name and never reshapes. `seg_hidden`
@@ -33,7 +34,7 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -78,6 +79,8 @@ class SegDecoderGraph(nn.Module):
 
     The image input is seg_embedding [B, E, 8, 16, 16], or patch tokens [B, 2048, C] when the vision tower is
     shared (turned into the grid here: a transpose the graph does for free, and one less contract to keep).
+    A seg module with a detail path (ours) also reads the model input `images`: the path runs here, only when a
+    [SEG] asks for a mask, rather than in vision.onnx for every scan.
     """
 
     def __init__(self, model: LaMed) -> None:
@@ -85,10 +88,12 @@ class SegDecoderGraph(nn.Module):
         self.seg_projector, self.seg_module = model.seg_projector, model.seg_module
         self.from_tokens = model.cfg.seg.share_vision_encoder
 
-    def forward(self, image: torch.Tensor, seg_hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, seg_hidden: torch.Tensor,
+                images: Optional[torch.Tensor] = None) -> torch.Tensor:
         embedding = self.seg_module.tokens_to_grid(image) if self.from_tokens else image
         prompt = self.seg_projector(seg_hidden)  # [B, H_llm] -> [B, E]
-        return self.seg_module.decode(embedding, prompt)
+        detail = self.seg_module.detail_features(images) if self.seg_module.has_detail else None
+        return self.seg_module.decode(embedding, prompt, detail=detail)
 
 
 @dataclass(frozen=True)
@@ -120,8 +125,10 @@ def graph_specs(model: LaMed, batch: int = 1) -> list[GraphSpec]:
         specs.append(GraphSpec("seg_encoder", SegEncoderGraph(model), (images,), ("images",), ("seg_embedding",)))
         image_name = "seg_embedding"
         image_in = torch.randn((batch, cfg.seg.embed_dim, *cfg.vision.grid), generator=g)
-    specs.append(GraphSpec("seg_decoder", SegDecoderGraph(model), (image_in, hidden), (image_name, "seg_hidden"),
-                           ("mask_logits",)))
+    example, names = (image_in, hidden), (image_name, "seg_hidden")
+    if cfg.seg.detail_channels:
+        example, names = (*example, images), (*names, "images")
+    specs.append(GraphSpec("seg_decoder", SegDecoderGraph(model), example, names, ("mask_logits",)))
     return specs
 
 

@@ -6,11 +6,17 @@ prompt encoder's point and mask-downscaling parameters exist only so that offici
 
     image [B, 1, 32, 256, 256] --encode--> embedding [B, E, 8, 16, 16]
     (embedding, prompt [B, E]) --decode--> mask logits [B, 1, 32, 256, 256]
+
+Ours, off for official checkpoints (`SegConfig.detail_channels`): a detail path, `DetailNet`, that reads the image at
+the decoder's output grid and adds its features to the upscaled embedding before the prompt's dot product:
+
+    image --detail--> detail [B, E/8, 32, 64, 64];  decode(embedding, prompt, detail=detail)
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -184,8 +190,10 @@ class MaskDecoder(nn.Module):
         self.txt_align_upscaled_embedding = nn.Linear(dim, dim // 8)
 
     def forward(self, image: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor,
-                text: torch.Tensor) -> torch.Tensor:
-        """-> low-resolution logits of mask token 0 (multimask_output=False): [B, 1, 4D, 4H, 4W]."""
+                text: torch.Tensor, detail: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """-> low-resolution logits of mask token 0 (multimask_output=False): [B, 1, 4D, 4H, 4W].
+
+        detail: ours (`DetailNet`), [B or 1, E/8, 4D, 4H, 4W] added to the upscaled embedding."""
         b = sparse.shape[0]
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([out_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)  # [B, 6, E]
@@ -196,6 +204,8 @@ class MaskDecoder(nn.Module):
         hs, src = self.transformer(src, pos, tokens)
         src = src.transpose(1, 2).reshape(image.shape)  # [B, N, E] -> [B, E, D, H, W]
         up = self.output_upscaling(src)  # [B, E/8, 4D, 4H, 4W]
+        if detail is not None:
+            up = up + detail
         # The IoU head and mask tokens 1..3 do not reach the output with multimask_output=False; computing only
         # mask token 0 gives the same numbers as the official decoder.
         hyper = self.output_hypernetworks_mlps[0](hs[:, 1])  # [B, E/8]
@@ -203,6 +213,53 @@ class MaskDecoder(nn.Module):
         flat = up.flatten(2)  # [B, E/8, N']
         logits = torch.einsum("bc,bcn->bn", hyper + txt, flat)  # (hyper @ up) + (txt @ up), fused
         return logits.view(b, 1, *up.shape[2:])
+
+
+def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv3d(c_in, c_out, 3, padding=1), nn.GroupNorm(4, c_out), nn.GELU(),
+                         nn.Conv3d(c_out, c_out, 3, padding=1), nn.GroupNorm(4, c_out), nn.GELU())
+
+
+class DetailNet(nn.Module):
+    """Ours, not SegVol's: what a mask needs to follow an edge inside a ViT patch.
+
+    The image, area-averaged to the mask decoder's output grid (4x the patch grid: 32 x 64 x 64 for the official
+    input), goes through a four-level 3-D conv U-Net (widths w, 2w, 4w, 8w; down 1x2x2, then 2x2x2 twice) whose
+    features, E/8 channels at that grid, are added to the decoder's upscaled embedding; the prompt's vector then
+    picks the organ from both. The last layer starts at zero, so a decoder trained without the path is unchanged
+    until it learns. Why: on phantom-small the masks sit where an organ usually is, not where it is in this
+    scan, because one token per 16 x 16 pixels does not say where inside the patch an edge lies
+    (docs/training.md, "A detail path for the masks").
+    """
+
+    DOWN = ((1, 2, 2), (2, 2, 2), (2, 2, 2))
+
+    def __init__(self, width: int, out_channels: int, image_size: tuple[int, int, int],
+                 out_grid: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.pool = tuple(i // o for i, o in zip(image_size, out_grid))
+        total = [math.prod(f[a] for f in self.DOWN) for a in range(3)]
+        if any(i % o for i, o in zip(image_size, out_grid)) or any(o % t for o, t in zip(out_grid, total)):
+            raise ValueError(f"the seg detail path needs the decoder grid {out_grid} to divide the image "
+                             f"{image_size} and to be divisible by {tuple(total)}")
+        w = width
+        self.down = nn.ModuleList([_conv_block(1, w), _conv_block(w, 2 * w), _conv_block(2 * w, 4 * w),
+                                   _conv_block(4 * w, 8 * w)])
+        self.up = nn.ModuleList([_conv_block(12 * w, 4 * w), _conv_block(6 * w, 2 * w), _conv_block(3 * w, w)])
+        self.out = nn.Conv3d(w, out_channels, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 1, D, H, W] -> [B, out_channels, D/pool, H/pool, W/pool]."""
+        x = F.avg_pool3d(images, self.pool)
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.avg_pool3d(x, self.DOWN[i - 1]))
+            skips.append(x)
+        for block, skip, factor in zip(self.up, reversed(skips[:-1]), reversed(self.DOWN)):
+            x = block(torch.cat([F.interpolate(x, scale_factor=factor, mode="nearest"), skip], dim=1))
+        return self.out(x)
 
 
 class SegVol(nn.Module):
@@ -217,6 +274,9 @@ class SegVol(nn.Module):
                                        num_heads=cfg.encoder_heads)
         self.prompt_encoder = PromptEncoder(cfg.embed_dim, vision.grid, cfg.mask_in_chans)
         self.mask_decoder = MaskDecoder(cfg, vision.grid)
+        if cfg.detail_channels:
+            self.detail = DetailNet(cfg.detail_channels, cfg.embed_dim // 8, vision.image_size,
+                                    tuple(4 * g for g in vision.grid))
 
     def tokens_to_grid(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, N, E] patch tokens -> [B, E, D, H, W] image embedding."""
@@ -228,13 +288,30 @@ class SegVol(nn.Module):
             raise RuntimeError("this seg module shares the vision tower: pass its patch tokens to tokens_to_grid")
         return self.tokens_to_grid(self.image_encoder(images))
 
-    def decode(self, embedding: torch.Tensor, text: torch.Tensor, *, upsample: bool = True) -> torch.Tensor:
-        """([B, E, 8, 16, 16], prompt [B, E]) -> mask logits [B, 1, 32, 256, 256] (or the [B,1,32,64,64] low-res)."""
+    @property
+    def has_detail(self) -> bool:
+        return self.cfg.detail_channels > 0
+
+    def detail_features(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 1, 32, 256, 256] -> the detail path's features [B, E/8, 32, 64, 64] (`DetailNet`)."""
+        if not self.has_detail:
+            raise RuntimeError("this seg module has no detail path (SegConfig.detail_channels is 0)")
+        return self.detail(images)
+
+    def decode(self, embedding: torch.Tensor, text: torch.Tensor, *, detail: Optional[torch.Tensor] = None,
+               upsample: bool = True) -> torch.Tensor:
+        """([B, E, 8, 16, 16], prompt [B, E]) -> mask logits [B, 1, 32, 256, 256] (or the [B,1,32,64,64] low-res).
+
+        detail: `detail_features` of the images, required when the module has a detail path (batch B, or 1)."""
+        if self.has_detail != (detail is not None):
+            raise ValueError("this seg module has a detail path: pass detail=detail_features(images)"
+                             if self.has_detail else "this seg module has no detail path: detail must be None")
         sparse, dense = self.prompt_encoder(text)
-        low = self.mask_decoder(embedding, self.prompt_encoder.dense_pe(), sparse, dense, text)
+        low = self.mask_decoder(embedding, self.prompt_encoder.dense_pe(), sparse, dense, text, detail)
         if not upsample:
             return low
         return F.interpolate(low, size=self.image_size, mode="trilinear", align_corners=False)
 
     def forward(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(images), text)
+        return self.decode(self.encode(images), text,
+                           detail=self.detail_features(images) if self.has_detail else None)

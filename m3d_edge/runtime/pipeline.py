@@ -8,14 +8,15 @@
       ─ tokenizer.json + embeddings.npy + image tokens (manifest placement) ─▶ prompt [1, T, H]
       ─ decoder.onnx: image prefix (cached KV) + question prefill    [prefill]     up to the first token
       ─ decoder.onnx one token at a time, stop ids from the manifest [decode]
-      ─ only after [SEG]: seg_encoder.onnx(x) (or the patch tokens) + seg_decoder.onnx(state that predicted [SEG])
+      ─ only after [SEG]: seg_encoder.onnx(x) (or the patch tokens) + seg_decoder.onnx(state that predicted [SEG]
+        (+ x, when the seg module has a detail path))
         ─▶ mask logits [1, 1, 32, 256, 256] ─ sigmoid > 0.5 ─ Transform.invert_mask ─▶ mask on the source grid
                                                                     [seg]
       ─ boxes in the text (prompts.parse_boxes) ─ Transform.box_to_voxels / box_to_patient ─▶ Answer
 
 Caching. A scan is identified by a digest of its voxels, grid and preprocessing (not by the Python object), so the
 same scan read twice is recognised and a changed array is not. Per scan the pipeline keeps the Transform, the
-vision outputs, the model input while a separate seg encoder may still need it, the seg module's image embedding
+vision outputs, the model input while a separate seg encoder or a detail path may still need it, the seg module's image embedding
 once a [SEG] needed it, and the KV cache rows of the prompt's image prefix: every prompt starts [BOS?] + image
 tokens (by_id prompts with the N image tokens, positional ones with [BOS, image...]), so those rows are the same
 for every question about the scan and are copied back into the KV buffer (a memcpy of ~1.5 MB for phantom-small)
@@ -179,7 +180,7 @@ class _ScanFeatures:
 
     key: str
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    x: Optional[np.ndarray] = None  # [1, 1, D, H, W], kept only while a separate seg encoder may need it
+    x: Optional[np.ndarray] = None  # [1, 1, D, H, W], kept only while a seg encoder or detail path may need it
     transform: Optional[Transform] = None
     image_tokens: Optional[np.ndarray] = None  # [1, N, H]
     patch_tokens: Optional[np.ndarray] = None  # [1, 2048, C] when the seg decoder reads the vision tower
@@ -236,6 +237,9 @@ class Pipeline:
         self._vision = engines.get(bundle.path("vision"))
         self._seg_encoder = engines.get(bundle.path("seg_encoder")) if bundle.has("seg_encoder") else None
         self._seg_decoder = engines.get(bundle.path("seg_decoder")) if self.seg and bundle.has("seg_decoder") else None
+        # a seg module with a detail path (ours) reads the model input again in the decoder
+        self._seg_reads_images = self._seg_decoder is not None and "images" in {
+            i.name for i in self._seg_decoder.get_inputs()}
         self._decoder_session = engines.get(bundle.path("decoder"))
         self._decoder_spec = DecoderSpec.from_manifest(m["decoder"])
         self._embeddings = bundle.embeddings()  # [V, H] float16, rows read when looked up
@@ -523,10 +527,11 @@ class Pipeline:
         self._count("vision")
         feats.transform = transform
         feats.image_tokens = outputs["image_tokens"]  # [1, N, H]
-        if self.seg is not None and self.seg["image_source"] == "vision":
+        shared = self.seg is not None and self.seg["image_source"] == "vision"
+        if shared:
             feats.patch_tokens = outputs[self.seg["image_input"]]  # [1, 2048, C]
-        else:
-            feats.x = x  # the separate seg encoder reads the model input again, only if a [SEG] comes
+        if not shared or self._seg_reads_images:
+            feats.x = x  # a separate seg encoder or a detail path reads the model input again, if a [SEG] comes
 
     def _prompt_ids(self, question: str) -> np.ndarray:
         if not isinstance(question, str):
@@ -585,11 +590,14 @@ class Pipeline:
             else:
                 if feats.seg_image is None:
                     feats.seg_image = self._seg_encoder.run([name], {"images": feats.x})[0]  # [1, E, 8, 16, 16]
-                    feats.x = None  # no longer needed: free 8 MB per cached scan
+                    if not self._seg_reads_images:
+                        feats.x = None  # no longer needed: free 8 MB per cached scan
                     self._count("seg_encoder")
                 image = feats.seg_image
-        logits = self._seg_decoder.run(["mask_logits"], {name: image, "seg_hidden": seg_hidden[None].astype(
-            np.float32)})[0]  # [1, 1, D, H, W]
+        feeds = {name: image, "seg_hidden": seg_hidden[None].astype(np.float32)}
+        if self._seg_reads_images:
+            feeds["images"] = feats.x
+        logits = self._seg_decoder.run(["mask_logits"], feeds)[0]  # [1, 1, D, H, W]
         self._count("seg_decoder")
         return feats.transform.invert_mask(sigmoid_mask(logits)[0, 0])
 

@@ -77,6 +77,10 @@ class RecipeConfig:
     closed_vqa_format: str = "letter"
     # stage 2 trains the vision tower too (official; its rate: instruct_groups); False (v1-v5) caches its features
     train_vision: bool = False
+    # the seg stage after stage 2 (ours; `train_seg`): its steps (0 = none, v1-v6), and the width of the detail
+    # path it adds to the seg module (SegConfig.detail_channels; 0 = none)
+    seg_steps: int = 0
+    seg_detail_channels: int = 0
     mixed_precision: str = field(default_factory=lambda: "bf16" if cpu_supports_bf16() else "auto")
     progress: bool = True
 
@@ -108,6 +112,10 @@ def run_recipe(cfg: RecipeConfig) -> Path:
     model, tok, collate = phantom_small(pretrained)
     train_align(cfg, model, collate, train_items, out / "align")
     adapter, lora = train_instruct(cfg, model, collate, train_items, out / "instruct")
+    if cfg.seg_steps:
+        if cfg.seg_detail_channels:
+            add_detail_path(model, cfg.seg_detail_channels)
+        train_seg(cfg, model, collate, train_items, out / "seg")
     return _save(model, out / "model", tok, adapter, lora)
 
 
@@ -141,6 +149,104 @@ def instruct_stage(cfg: RecipeConfig, data: str | Path, model_dir: str | Path) -
     collate = LaMedCollator(tok, model.cfg.num_image_tokens, model.cfg.vision.image_size, max_length=400)
     adapter, lora = train_instruct(cfg, model, collate, items, Path(cfg.out))
     return _save(model, Path(cfg.out) / "model", tok, adapter, lora)
+
+
+def seg_stage(cfg: RecipeConfig, data: str | Path, model_dir: str | Path) -> Path:
+    """Seg only, from a stage-2 checkpoint (ours, not the official recipe): writes OUT/model.
+
+    The LLM, its LoRA and the vision tower stay as they are; the [SEG] states that stage 2's answers give and the
+    tower's tokens are computed once; the seg projector and seg module are trained on every seg mask of the
+    training split, one image a step with all its masks. With `cfg.seg_detail_channels` and a checkpoint without
+    a detail path, the path is added (its last layer at zero, so training starts from the checkpoint's masks) and
+    trained at lr_seg, the rest of the seg module at lr_seg_instruct (default lr_seg / 5).
+    """
+    model_dir = Path(model_dir)
+    items = validated_items(cfg, data)
+    model = checkpoint.load(model_dir)
+    if model.cfg.seg is None:
+        raise ValueError(f"{model_dir}: the model has no seg module")
+    if not cfg.seg_steps:
+        raise ValueError("the seg stage needs seg_steps > 0")
+    if cfg.seg_detail_channels and not model.seg_module.has_detail:
+        add_detail_path(model, cfg.seg_detail_channels)
+    storage = json.loads((model_dir / "config.json").read_text()).get("storage") or {}
+    adapter = {k[len("lora."):]: v for k, v in checkpoint.read_state_dict(model_dir).items() if k.startswith("lora.")}
+    tok = llm_mod.load_tokenizer(model.cfg.llm, model_dir)
+    collate = LaMedCollator(tok, model.cfg.num_image_tokens, model.cfg.vision.image_size, max_length=400)
+    train_seg(cfg, model, collate, items, Path(cfg.out))
+    return _save(model, Path(cfg.out) / "model", tok, adapter or None, storage.get("lora"))
+
+
+def add_detail_path(model, channels: int) -> None:
+    """Give `model`'s seg module a detail path of width `channels` (`segvol.DetailNet`), keeping its weights."""
+    import dataclasses
+
+    seg_cfg = dataclasses.replace(model.cfg.seg, detail_channels=channels)
+    seg = SegVol(seg_cfg, model.cfg.vision)
+    missing, unexpected = seg.load_state_dict(model.seg_module.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("detail.") for k in missing):
+        raise ValueError(f"cannot add a detail path: missing {missing}, unexpected {unexpected}")
+    model.seg_module = seg
+    model.cfg = dataclasses.replace(model.cfg, seg=seg_cfg)
+
+
+def seg_stage_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    """Dice + BCE of the masks of one image, each prompted by the [SEG] state its sample gives, at the mask
+    decoder's output grid (the masks area-averaged to it: 16x fewer voxels than the official full-size loss, the
+    same optimum up to the final trilinear upsampling)."""
+    from m3d_edge.model.lamed import dice_loss
+
+    seg = model.seg_module
+    detail = seg.detail_features(batch["images"]) if seg.has_detail else None
+    logits = seg.decode(seg.tokens_to_grid(batch["patch_tokens"]), model.seg_projector(batch["seg_hidden"]),
+                        detail=detail, upsample=False).float()
+    dice = dice_loss(logits, batch["seg_masks"])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["seg_masks"])
+    return dice + bce, {"dice_loss": float(dice.detach()), "bce_loss": float(bce.detach())}
+
+
+def train_seg(cfg: RecipeConfig, model, collate, items: Sequence[TaskItem], out: Path) -> None:
+    from m3d_edge.model.lamed import average_selected, seg_hidden_positions
+    from tqdm.auto import tqdm
+
+    seg_items = [it for it in items if it.task == "seg" and it.mask is not None]
+    if not seg_items:
+        raise ValueError("no seg samples with a mask in the training split")
+    _log(f"seg: caching vision features of {len({it.image for it in seg_items})} images and the [SEG] states of "
+         f"{len(seg_items)} samples (LLM and tower frozen)")
+    cache = CachedFeatures(model, seg_items, cfg.progress)
+    dataset = TaskDataset(seg_items, with_images=False)
+    states: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    with torch.no_grad():
+        for i in tqdm(range(len(dataset)), desc="[SEG] states", disable=not cfg.progress):
+            batch = cache.wrap(collate)([dataset[i]])
+            hidden = model(None, batch["input_ids"], patch_tokens=batch["patch_tokens"]).hidden
+            h, found = average_selected(hidden, seg_hidden_positions(batch["input_ids"], model.cfg.seg_token_id))
+            if not found.all():
+                raise ValueError(f"{seg_items[i].mask}: the sample's answer has no [SEG] token")
+            states.setdefault(seg_items[i].image, []).append((seg_items[i].mask, h[0]))
+    images = sorted(states)
+    pool = tuple(i // (4 * g) for i, g in zip(model.cfg.vision.image_size, model.cfg.vision.grid))  # to 4x the grid
+
+    def collate_image(batch):
+        (image,) = batch
+        return {"images": torch.from_numpy(np.load(image))[None], "patch_tokens": cache.tokens[image][None],
+                "seg_hidden": torch.stack([h for _, h in states[image]]),
+                "seg_masks": torch.nn.functional.avg_pool3d(
+                    torch.stack([torch.from_numpy(np.load(m)).float() for m, _ in states[image]]), pool)}
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    seg_params = list(model.seg_projector.parameters()) + list(model.seg_module.parameters())
+    for p in seg_params:
+        p.requires_grad_(True)
+    detail_ids = {id(p) for p in model.seg_module.detail.parameters()} if model.seg_module.has_detail else set()
+    rest_lr = cfg.lr_seg / 5 if cfg.lr_seg_instruct is None else cfg.lr_seg_instruct
+    groups = [{"params": [p for p in seg_params if id(p) in detail_ids]},
+              {"params": [p for p in seg_params if id(p) not in detail_ids], "lr": rest_lr}]
+    _log(f"seg: {len(images)} images, {cfg.seg_steps} steps of one image with all its masks")
+    run(model, groups, SampleList(images), collate_image, seg_stage_loss,
+        _train_config(cfg, out, cfg.seg_steps, 1, cfg.lr_seg, 4))
 
 
 def validated_items(cfg: RecipeConfig, data: str | Path) -> list[TaskItem]:
@@ -209,16 +315,20 @@ class VisionPretraining(nn.Module):
             nn.init.normal_(self.class_prompts.weight, std=0.02)
 
 
-def class_seg_loss(model: VisionPretraining, patches: torch.Tensor, masks: torch.Tensor, classes: torch.Tensor,
-                   owner: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Dice + BCE of the class-prompted masks on the tower's patch tokens. `owner[m]` is the image of mask m
-    (default: mask m belongs to image m), so one pass of the tower serves several masks of an image."""
+def class_seg_loss(model: VisionPretraining, images: torch.Tensor, patches: torch.Tensor, masks: torch.Tensor,
+                   classes: torch.Tensor, owner: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Dice + BCE of the class-prompted masks on the tower's patch tokens (and the images, for a detail path).
+    `owner[m]` is the image of mask m (default: mask m belongs to image m), so one pass of the tower serves
+    several masks of an image."""
     from m3d_edge.model.lamed import dice_loss
 
-    grid = model.seg_module.tokens_to_grid(patches)
+    seg = model.seg_module
+    grid = seg.tokens_to_grid(patches)
+    detail = seg.detail_features(images) if seg.has_detail else None
     if owner is not None:
         grid = grid[owner]
-    logits = model.seg_module.decode(grid, model.class_prompts(classes)).float()
+        detail = detail[owner] if detail is not None else None
+    logits = seg.decode(grid, model.class_prompts(classes), detail=detail).float()
     dice = dice_loss(logits, masks)
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, masks)
     return dice + bce, {"dice_loss": float(dice.detach()), "bce_loss": float(bce.detach())}
@@ -229,7 +339,8 @@ def vision_loss(model: VisionPretraining, batch: dict) -> tuple[torch.Tensor, di
     metrics["clip_loss"] = float(loss.detach())
     if "seg_images" in batch:
         patches = model.clip.vision_encoder(batch["seg_images"])[:, 1:]  # the LLM tower drops CLS the same way
-        seg, seg_metrics = class_seg_loss(model, patches, batch["seg_masks"], batch["seg_classes"])
+        seg, seg_metrics = class_seg_loss(model, batch["seg_images"], patches, batch["seg_masks"],
+                                          batch["seg_classes"])
         metrics.update(seg_metrics)
         loss = loss + seg
     return loss, metrics
@@ -238,7 +349,8 @@ def vision_loss(model: VisionPretraining, batch: dict) -> tuple[torch.Tensor, di
 def seg_warmup_loss(model: VisionPretraining, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
     """The seg warm-up: the tower runs once per image, the mask decoder once per mask of that image."""
     patches = model.clip.vision_encoder(batch["images"])[:, 1:]
-    return class_seg_loss(model, patches, batch["seg_masks"], batch["seg_classes"], batch["seg_owner"])
+    return class_seg_loss(model, batch["images"], patches, batch["seg_masks"], batch["seg_classes"],
+                          batch["seg_owner"])
 
 
 # The warm-up's classes: the organs the targets name, and the lesions the VQA and referring questions ask about.
@@ -366,11 +478,14 @@ class CachedFeatures:
                 image = torch.from_numpy(loader.image(i))[None]
                 self.tokens[loader.items[i].image] = model.vision_features(image)[0]
 
-    def wrap(self, collate):
+    def wrap(self, collate, keep_images: bool = False):
+        """`collate` with the cached tokens added; the images are dropped unless kept (a seg detail path reads
+        them)."""
         def collate_cached(samples):
             batch = collate(samples)
             batch["patch_tokens"] = torch.stack([self.tokens[s.image_key] for s in samples])
-            batch.pop("images", None)
+            if not keep_images:
+                batch.pop("images", None)
             return batch
 
         return collate_cached
@@ -450,8 +565,9 @@ def train_instruct(cfg: RecipeConfig, model, collate, items: Sequence[TaskItem],
     trainable = sum(p.numel() for p in params if p.requires_grad) - frozen_rows
     _log(f"instruct: {len(mix)} samples, {cfg.instruct_steps} steps, {trainable / 1e6:.1f} M trainable values")
     groups = instruct_groups(cfg, model, params)
-    dataset = TaskDataset(mix, with_images=cache is None)
+    detail = model.cfg.seg is not None and model.cfg.seg.detail_channels > 0  # the seg detail path reads images
+    dataset = TaskDataset(mix, with_images=cache is None or detail)
     loss = functools.partial(stages.lamed_loss, per_sample=cfg.lm_loss == "sample")
-    run(model, groups, dataset, cache.wrap(collate) if cache else collate, loss,
+    run(model, groups, dataset, cache.wrap(collate, keep_images=detail) if cache else collate, loss,
         _train_config(cfg, out, cfg.instruct_steps, cfg.batch, cfg.lr_instruct, 6))
     return stages.merge_lora(model)
