@@ -316,7 +316,8 @@ class VisionPretraining(nn.Module):
 
 
 def class_seg_loss(model: VisionPretraining, images: torch.Tensor, patches: torch.Tensor, masks: torch.Tensor,
-                   classes: torch.Tensor, owner: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
+                   classes: torch.Tensor,
+                   owner: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Dice + BCE of the class-prompted masks on the tower's patch tokens (and the images, for a detail path).
     `owner[m]` is the image of mask m (default: mask m belongs to image m), so one pass of the tower serves
     several masks of an image."""
