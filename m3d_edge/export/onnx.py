@@ -92,8 +92,7 @@ class SegDecoderGraph(nn.Module):
                 images: Optional[torch.Tensor] = None) -> torch.Tensor:
         embedding = self.seg_module.tokens_to_grid(image) if self.from_tokens else image
         prompt = self.seg_projector(seg_hidden)  # [B, H_llm] -> [B, E]
-        detail = self.seg_module.detail_features(images) if self.seg_module.has_detail else None
-        return self.seg_module.decode(embedding, prompt, detail=detail)
+        return self.seg_module.decode(embedding, prompt, detail=self.seg_module.detail_features(images))
 
 
 @dataclass(frozen=True)

@@ -179,13 +179,8 @@ class LaMed(nn.Module):
                 patch_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(images [B,1,32,256,256], hidden that predicted [SEG] [B, H]) -> mask logits [B, 1, 32, 256, 256]."""
         prompt = self.seg_projector(seg_hidden)  # [B, H] -> [B, C]
-        detail = None
-        if self.seg_module.has_detail:
-            if images is None:
-                raise ValueError("this model's seg module has a detail path: segmenting needs the images, not "
-                                 "only cached vision-tower features")
-            detail = self.seg_module.detail_features(images)
-        return self.seg_module.decode(self.seg_embedding(images, patch_tokens), prompt, detail=detail)
+        return self.seg_module.decode(self.seg_embedding(images, patch_tokens), prompt,
+                                      detail=self.seg_module.detail_features(images))
 
     def _run_llm(self, inputs_embeds, attention_mask=None, cache=None):
         """The LLM trunk only: final-normed hidden states [B, T, H] (lm_head applied where logits are needed)."""

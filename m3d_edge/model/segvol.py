@@ -292,10 +292,14 @@ class SegVol(nn.Module):
     def has_detail(self) -> bool:
         return self.cfg.detail_channels > 0
 
-    def detail_features(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 1, 32, 256, 256] -> the detail path's features [B, E/8, 32, 64, 64] (`DetailNet`)."""
+    def detail_features(self, images: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """[B, 1, 32, 256, 256] -> the detail path's features [B, E/8, 32, 64, 64] (`DetailNet`), or None for a
+        module without one: what `decode(detail=...)` takes either way."""
         if not self.has_detail:
-            raise RuntimeError("this seg module has no detail path (SegConfig.detail_channels is 0)")
+            return None
+        if images is None:
+            raise ValueError("this seg module has a detail path: segmenting needs the images, not only cached "
+                             "vision-tower features")
         return self.detail(images)
 
     def decode(self, embedding: torch.Tensor, text: torch.Tensor, *, detail: Optional[torch.Tensor] = None,
@@ -313,5 +317,4 @@ class SegVol(nn.Module):
         return F.interpolate(low, size=self.image_size, mode="trilinear", align_corners=False)
 
     def forward(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(images), text,
-                           detail=self.detail_features(images) if self.has_detail else None)
+        return self.decode(self.encode(images), text, detail=self.detail_features(images))

@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from m3d_edge.config import ClipConfig, preset
-from m3d_edge.data.datasets import (LaMedCollator, SampleList, TaskDataset, TaskItem, task_items, validate_items,
-                                    with_closed_vqa_format)
+from m3d_edge.data.datasets import (LaMedCollator, LaMedSample, SampleList, TaskDataset, TaskItem, task_items,
+                                    validate_items, with_closed_vqa_format)
 from m3d_edge.data.phantom import KEY_ORGANS
 from m3d_edge.data.prompts import CLOSED_VQA_FORMATS
 from m3d_edge.model import checkpoint, llm as llm_mod
@@ -160,13 +160,13 @@ def seg_stage(cfg: RecipeConfig, data: str | Path, model_dir: str | Path) -> Pat
     a detail path, the path is added (its last layer at zero, so training starts from the checkpoint's masks) and
     trained at lr_seg, the rest of the seg module at lr_seg_instruct (default lr_seg / 5).
     """
+    if not cfg.seg_steps:
+        raise ValueError("the seg stage needs seg_steps > 0")
     model_dir = Path(model_dir)
     items = validated_items(cfg, data)
     model = checkpoint.load(model_dir)
     if model.cfg.seg is None:
         raise ValueError(f"{model_dir}: the model has no seg module")
-    if not cfg.seg_steps:
-        raise ValueError("the seg stage needs seg_steps > 0")
     if cfg.seg_detail_channels and not model.seg_module.has_detail:
         add_detail_path(model, cfg.seg_detail_channels)
     storage = json.loads((model_dir / "config.json").read_text()).get("storage") or {}
@@ -197,9 +197,8 @@ def seg_stage_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
     from m3d_edge.model.lamed import dice_loss
 
     seg = model.seg_module
-    detail = seg.detail_features(batch["images"]) if seg.has_detail else None
     logits = seg.decode(seg.tokens_to_grid(batch["patch_tokens"]), model.seg_projector(batch["seg_hidden"]),
-                        detail=detail, upsample=False).float()
+                        detail=seg.detail_features(batch["images"]), upsample=False).float()
     dice = dice_loss(logits, batch["seg_masks"])
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["seg_masks"])
     return dice + bce, {"dice_loss": float(dice.detach()), "bce_loss": float(bce.detach())}
@@ -215,16 +214,17 @@ def train_seg(cfg: RecipeConfig, model, collate, items: Sequence[TaskItem], out:
     _log(f"seg: caching vision features of {len({it.image for it in seg_items})} images and the [SEG] states of "
          f"{len(seg_items)} samples (LLM and tower frozen)")
     cache = CachedFeatures(model, seg_items, cfg.progress)
-    dataset = TaskDataset(seg_items, with_images=False)
     states: dict[str, list[tuple[str, torch.Tensor]]] = {}
     with torch.no_grad():
-        for i in tqdm(range(len(dataset)), desc="[SEG] states", disable=not cfg.progress):
-            batch = cache.wrap(collate)([dataset[i]])
-            hidden = model(None, batch["input_ids"], patch_tokens=batch["patch_tokens"]).hidden
-            h, found = average_selected(hidden, seg_hidden_positions(batch["input_ids"], model.cfg.seg_token_id))
+        for it in tqdm(seg_items, desc="[SEG] states", disable=not cfg.progress):
+            # only the text is needed here: the masks are read per step, at training time
+            ids, _ = collate.encode(LaMedSample(None, it.question, it.answer, source=it.mask))
+            ids = torch.tensor([ids])
+            hidden = model(None, ids, patch_tokens=cache.tokens[it.image][None]).hidden
+            h, found = average_selected(hidden, seg_hidden_positions(ids, model.cfg.seg_token_id))
             if not found.all():
-                raise ValueError(f"{seg_items[i].mask}: the sample's answer has no [SEG] token")
-            states.setdefault(seg_items[i].image, []).append((seg_items[i].mask, h[0]))
+                raise ValueError(f"{it.mask}: the sample's answer has no [SEG] token")
+            states.setdefault(it.image, []).append((it.mask, h[0]))
     images = sorted(states)
     pool = tuple(i // (4 * g) for i, g in zip(model.cfg.vision.image_size, model.cfg.vision.grid))  # to 4x the grid
 
@@ -325,7 +325,7 @@ def class_seg_loss(model: VisionPretraining, images: torch.Tensor, patches: torc
 
     seg = model.seg_module
     grid = seg.tokens_to_grid(patches)
-    detail = seg.detail_features(images) if seg.has_detail else None
+    detail = seg.detail_features(images)
     if owner is not None:
         grid = grid[owner]
         detail = detail[owner] if detail is not None else None
