@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from m3d_edge import offline_by_default
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,6 +48,7 @@ def prompts_for(case, rng: random.Random) -> list[tuple[str, str]]:
 
 
 def main() -> int:
+    offline_by_default()  # before anything loads transformers: no Hub, no kernel-trust warnings
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default=str(ROOT / "models" / "phantom-small"))
     ap.add_argument("--out", default=str(ROOT / "docs"))

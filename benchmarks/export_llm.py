@@ -68,6 +68,7 @@ from typing import Any, Optional, Protocol
 
 import numpy as np
 
+from m3d_edge import offline_by_default
 from m3d_edge.bench.timing import OtherCpu
 
 DEFAULT_PRESET = "phantom-small"
@@ -875,6 +876,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    offline_by_default()  # before anything loads transformers: no Hub, no kernel-trust warnings
     args = parse_args(argv)
     from tokenizers import Tokenizer
 

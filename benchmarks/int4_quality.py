@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from m3d_edge import offline_by_default
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import export_llm as bench  # noqa: E402  (the benchmark's quality functions)
 
@@ -36,6 +38,7 @@ VARIANTS = {
 
 
 def main(argv=None) -> int:
+    offline_by_default()  # before anything loads transformers: no Hub, no kernel-trust warnings
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", type=Path, default=Path("build/bench-export"))
     p.add_argument("--reports", type=int, default=30)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from m3d_edge import offline_by_default
 from m3d_edge.bench import metrics
 from m3d_edge.bench.evaluate import evaluate_split
 from m3d_edge.bench.probes import class_dice, linear_probe, mask_placement, mlp_probe, patch_labels
@@ -129,6 +130,7 @@ def seg_fit(rows: list[dict]) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
+    offline_by_default()  # before anything loads transformers: no Hub, no kernel-trust warnings
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--data", type=Path, required=True, help="a phantom data set (m3d-edge synth)")

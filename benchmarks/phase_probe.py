@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from m3d_edge import offline_by_default
 from m3d_edge.bench.probes import linear_probe
 from m3d_edge.data.datasets import task_items
 from m3d_edge.model import checkpoint
@@ -62,6 +63,7 @@ def features(model, images: list[str]) -> dict[str, torch.Tensor]:
 
 
 def main(argv=None) -> int:
+    offline_by_default()  # before anything loads transformers: no Hub, no kernel-trust warnings
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--data", type=Path, required=True, help="a phantom data set (m3d-edge synth)")

@@ -56,6 +56,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from m3d_edge import offline_by_default
 from m3d_edge.bench.timing import OtherCpu
 from m3d_edge.export import built_from  # torch-free
 
@@ -611,6 +612,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main() -> None:
+    offline_by_default()  # before anything loads transformers: no Hub, no kernel-trust warnings
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "docs"), help="folder for bench-runtime.json and .md")
     p.add_argument("--repeat", type=int, default=3)

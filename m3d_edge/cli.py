@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from m3d_edge import __version__
+from m3d_edge import __version__, offline_by_default
 from m3d_edge.data.prompts import CLOSED_VQA_FORMATS  # torch-free
 from m3d_edge.export import DEFAULT_LLM, EXPORT_REVISION, LLM_PRECISIONS  # torch-free (export/__init__.py)
 
@@ -18,24 +18,6 @@ from m3d_edge.export import DEFAULT_LLM, EXPORT_REVISION, LLM_PRECISIONS  # torc
 def main() -> None:
     """M3D-Edge: run M3D-LaMed, a 3D medical multimodal LLM, next to the scanner."""
     offline_by_default()
-
-
-def offline_by_default() -> None:
-    """Every command runs without the network: weights come from the checkpoint folder, pip packages or a bundle.
-
-    Without HF_HUB_OFFLINE, importing bitsandbytes (transformers does, when it loads a model or reports versions)
-    asks the Hugging Face Hub, through the `kernels` package, about an optional CPU kernel
-    (kernels-community/quantization-bitsandbytes) on CPUs with AVX512-BF16, and logs a warning when that fails;
-    offline, `kernels` warns that it skipped the check. We never use that kernel (NF4 runs bitsandbytes' own CPU
-    code), so the Hub is not asked and neither warning, which would tell the user to install or trust something,
-    is shown. A user who sets HF_HUB_OFFLINE=0 explicitly keeps it.
-    """
-    import logging
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for name in ("bitsandbytes.backends.cpu.ops", "kernels"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @main.command()

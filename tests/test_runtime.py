@@ -198,7 +198,7 @@ def test_cli_commands_run_offline_and_bitsandbytes_stays_quiet():
     assert done.returncode == 0, done.stderr
     assert "kernels-community" not in done.stderr and "trust" not in done.stderr, done.stderr
     env["HF_HUB_OFFLINE"] = "0"  # an explicit choice stays
-    done = subprocess.run([sys.executable, "-c", "import os\nfrom m3d_edge import cli\ncli.offline_by_default()\n"
+    done = subprocess.run([sys.executable, "-c", "import os\nimport m3d_edge\nm3d_edge.offline_by_default()\n"
                            "assert os.environ['HF_HUB_OFFLINE'] == '0'"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
