@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -262,6 +263,20 @@ def test_pipeline_matches_torch_generate(placement, models_and_bundles, case_vol
         if one.mask is not None:
             assert np.array_equal(together.mask.array, one.mask.array)
     assert len({a.timings["decode"] for a in batched}) == 1  # the batched loop's time, shared
+
+
+def test_sigmoid_mask_thresholds_as_torch_and_stays_quiet_past_exps_range():
+    """sigmoid(logit) > 0.5 in float32, as torch thresholds, on logits far past exp's range (a trained decoder
+    writes -100 and below away from the organ: exp overflows to inf, the probability is 0) without an overflow
+    warning. (Within ~1e-7 of 0 the float32 rounding of sigmoid decides, and torch's SIMD exp rounds otherwise
+    than numpy's; the runtime's fp32 logits differ from torch's by more than that anyway.)"""
+    logits = np.array([-1e4, -200.0, -88.8, -1.0, -1e-3, 1e-3, 1.0, 88.8, 200.0, 1e4], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = sigmoid_mask(logits)
+    want = (torch.sigmoid(torch.from_numpy(logits)) > 0.5).numpy().astype(np.uint8)
+    np.testing.assert_array_equal(got, want)
+    assert got.tolist() == [0] * 5 + [1] * 5
 
 
 def test_stream_pieces_add_up_to_the_answer(pipeline, case_volume):

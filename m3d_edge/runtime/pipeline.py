@@ -128,7 +128,8 @@ def sigmoid_mask(logits: np.ndarray) -> np.ndarray:
     logits = logits.astype(np.float32, copy=False)
     prob = np.empty_like(logits)
     np.negative(logits, out=prob)
-    np.exp(prob, out=prob)
+    with np.errstate(over="ignore"):  # logits below -88.7: exp is inf and the probability 0, as it should be
+        np.exp(prob, out=prob)
     prob += np.float32(1)
     np.reciprocal(prob, out=prob)
     return (prob > np.float32(0.5)).astype(np.uint8)
