@@ -183,7 +183,9 @@ def write_report_json(path: str | Path, payload: dict) -> Path:
     return path
 
 
-TOTALSEG_LABELS = {"liver": (5,), "spleen": (1,), "kidney": (2, 3)}
+# TotalSegmentator v2 ids (../shared/data/totalseg/labels.json); "kidney" is both, as the issue asks, and each
+# side is asked by the name the phantom classes (and so phantom-small) use
+TOTALSEG_LABELS = {"liver": (5,), "spleen": (1,), "kidney": (2, 3), "right kidney": (2,), "left kidney": (3,)}
 
 
 def load_phantom_clip(path: str | Path):
