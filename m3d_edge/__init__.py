@@ -4,7 +4,8 @@ __version__ = "0.1.0"
 
 
 def offline_by_default() -> None:
-    """Every command (and benchmark script) runs without the network: weights come from the checkpoint folder, pip packages or a bundle.
+    """Every command and benchmark script runs without the network: weights come from the checkpoint folder, pip
+    packages or a bundle.
 
     Without HF_HUB_OFFLINE, importing bitsandbytes (transformers does, when it loads a model or reports versions)
     asks the Hugging Face Hub, through the `kernels` package, about an optional CPU kernel
