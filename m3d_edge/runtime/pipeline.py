@@ -237,7 +237,8 @@ class Pipeline:
         # every session is created here, once; a bundle whose graphs ORT cannot load fails at load, not mid-answer
         self._vision = engines.get(bundle.path("vision"))
         self._seg_encoder = engines.get(bundle.path("seg_encoder")) if bundle.has("seg_encoder") else None
-        self._seg_decoder = engines.get(bundle.path("seg_decoder")) if self.seg and bundle.has("seg_decoder") else None
+        self._seg_decoder = (engines.get(bundle.path("seg_decoder"), mem_pattern=False)  # engines.session_options
+                             if self.seg and bundle.has("seg_decoder") else None)
         # a seg module with a detail path (ours) reads the model input again in the decoder
         self._seg_reads_images = self._seg_decoder is not None and "images" in {
             i.name for i in self._seg_decoder.get_inputs()}
