@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from m3d_edge.config import ModelConfig, load_config
 from m3d_edge.model import llm as llm_mod
 from m3d_edge.model.lamed import LaMed
-from m3d_edge.model.lora import MergedLora
+from m3d_edge.model.lora import MergedLora, with_lora
 
 _MM_PREFIXES = ("vision_tower.", "mm_projector.", "seg_module.", "seg_projector.")
 
@@ -283,7 +283,7 @@ def save_delta(model: LaMed, path: str | Path, *, adapter: Optional[Mapping[str,
 
 
 def _load_delta(folder: Path, cfg: ModelConfig, storage: Mapping) -> LaMed:
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import LoraConfig, set_peft_model_state_dict
 
     # tensors stored in half precision come back as float32, the model's own dtype
     state = {k: v.float() if v.is_floating_point() else v for k, v in read_state_dict(folder).items()}
@@ -292,7 +292,7 @@ def _load_delta(folder: Path, cfg: ModelConfig, storage: Mapping) -> LaMed:
     lora = storage.get("lora")
     if lora:
         adapter = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
-        model.llm = get_peft_model(model.llm, LoraConfig(**lora))
+        model.llm = with_lora(model.llm, LoraConfig(**lora))
         result = set_peft_model_state_dict(model.llm, adapter)
         if getattr(result, "unexpected_keys", None):
             raise CheckpointError(f"{folder}: adapter keys the LoRA config does not have: "

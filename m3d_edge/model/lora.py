@@ -5,6 +5,8 @@ bundle cannot: phantom-small's update is small (layer 25 q_proj: mean |s * B @ A
 step of its base (0.026), so quantizing the merged weight rounds the fine-tuning away (measured: every answer
 changed). The export quantizes the base instead and adds the adapter back as a float branch (`export.lora`),
 which needs the factors this class keeps.
+
+Also `with_lora`, the one place that wraps an LLM with peft adapters (training, and loading a LoRA checkpoint).
 """
 
 from __future__ import annotations
@@ -52,3 +54,16 @@ class MergedLora:
     @property
     def rank(self) -> int:
         return next(iter(self.factors.values()))[0].shape[0]
+
+
+def with_lora(llm: torch.nn.Module, config) -> torch.nn.Module:
+    """`peft.get_peft_model(llm, config)`, without the FutureWarning that peft's call of transformers'
+    `is_gradient_checkpointing` (deprecated in transformers 5) prints on every load of a LoRA checkpoint; the
+    warning is about their two versions, not about anything a user can change."""
+    import warnings
+
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(llm, config)

@@ -16,7 +16,7 @@ from torch import nn
 
 from m3d_edge.model.clip import M3DCLIP
 from m3d_edge.model.lamed import LaMed
-from m3d_edge.model.lora import MergedLora
+from m3d_edge.model.lora import MergedLora, with_lora
 
 # Every nn.Linear inside the LLM's decoder layers gets LoRA (official: all LLM linears but lm_head).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
@@ -56,13 +56,13 @@ def align_params(model: LaMed) -> list[nn.Parameter]:
 def add_lora(model: LaMed, *, r: int = 16, alpha: int = 32, dropout: float = 0.05,
              targets: tuple[str, ...] = LORA_TARGETS) -> None:
     """Wrap the LLM with peft LoRA adapters (official settings: r 16, alpha 32, dropout 0.05, every linear)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     names = {n.rsplit(".", 1)[-1] for n, m in model.llm.named_modules() if isinstance(m, nn.Linear)}
     targets = sorted(names & set(targets))
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", target_modules=targets,
                         task_type="CAUSAL_LM")
-    model.llm = get_peft_model(model.llm, config)
+    model.llm = with_lora(model.llm, config)
 
 
 def merge_lora(model: LaMed) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
