@@ -63,7 +63,9 @@ def _share_cpu_arena() -> None:
 def session_options(threads: Optional[int] = None, mem_pattern: bool = True) -> ort.SessionOptions:
     """mem_pattern=False: ORT does not plan one block for all of a run's activations but takes each from the shared
     arena as it goes, so blocks are reused; for the seg decoder with a detail path (3-D convs at 32 x 64 x 64) that
-    is 95 instead of 158 MB of peak RSS, the same output and no slower (docs/runtime.md)."""
+    is 95 instead of 158 MB of peak RSS, the same output and no slower (docs/runtime.md). Only there: with every
+    session so (one run of benchmarks/runtime.py, 2026-12-07) peak RSS stayed 464 MB while decode fell from 140 to
+    119 tokens/s and vision rose from 0.12 to 0.14 s."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.enable_mem_pattern = mem_pattern
@@ -91,16 +93,17 @@ def create_session(path: str | Path, *, device: str = "cpu", tensorrt: bool = Fa
 
 @dataclass
 class Engines:
-    """One session per ONNX file, created on first use and kept: `Engines(device="cpu").get(path)`."""
+    """One session per ONNX file (and its options), created on first use and kept:
+    `Engines(device="cpu").get(path)`."""
 
     device: str = "cpu"
     tensorrt: bool = False
     threads: Optional[int] = None
-    _sessions: dict[Path, ort.InferenceSession] = field(default_factory=dict, repr=False)
+    _sessions: dict[tuple[Path, bool], ort.InferenceSession] = field(default_factory=dict, repr=False)
 
     def get(self, path: str | Path, *, mem_pattern: bool = True) -> ort.InferenceSession:
-        key = Path(path).resolve()
+        key = (Path(path).resolve(), mem_pattern)  # a session made with other options is not this one
         if key not in self._sessions:
-            self._sessions[key] = create_session(key, device=self.device, tensorrt=self.tensorrt,
+            self._sessions[key] = create_session(key[0], device=self.device, tensorrt=self.tensorrt,
                                                  threads=self.threads, mem_pattern=mem_pattern)
         return self._sessions[key]
