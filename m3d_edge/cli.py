@@ -293,6 +293,9 @@ TRAIN_VISION_OPTION = click.option(
          "every step) or freezes it and caches its features (faster; phantom-small v1-v5).")
 DETAIL_HELP = ("Give the seg module a detail path of this width, a multiple of 4 (a small conv U-Net on the image "
                "at the mask decoder's grid; ours, docs/training.md), if it has none; 0: train the module as it is.")
+KEY_REPEAT_HELP = ("The seg stage shows each image this many times an epoch, each time with all its key-organ masks "
+                   "(liver, spleen, kidneys) and a share of its others: the key organs get that many times the "
+                   "steps, and a step is cheaper; 1: every mask once.")
 SEG_WARMUP_HELP = ("Steps of class-prompted seg alone before the CLIP loss, every key organ and lesion of one "
                    "image per ViT pass (0: none, as phantom-small v1).")
 
@@ -342,14 +345,15 @@ def train_instruct(data: str, out: str, steps: int, seed: int, progress: bool, m
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=str),
               help="Checkpoint folder to start from (a stage-2 run's OUT/model, or models/phantom-small).")
 @click.option("--detail-channels", default=0, show_default=True, type=click.IntRange(min=0), help=DETAIL_HELP)
+@click.option("--key-repeat", default=1, show_default=True, type=click.IntRange(min=1), help=KEY_REPEAT_HELP)
 def train_seg(data: str, out: str, steps: int, seed: int, progress: bool, model_dir: str,
-              detail_channels: int) -> None:
+              detail_channels: int, key_repeat: int) -> None:
     """Seg only (ours): the seg projector and module on every training mask, LLM and tower frozen, their [SEG]
     states and tokens computed once; writes OUT/model (the checkpoint's LoRA adapter kept)."""
     from m3d_edge.train.recipe import RecipeConfig, seg_stage
 
     _run_stage(seg_stage, RecipeConfig(out=out, seed=seed, seg_steps=steps, seg_detail_channels=detail_channels,
-                                       progress=progress), data, model_dir)
+                                       seg_key_repeat=key_repeat, progress=progress), data, model_dir)
 
 
 @train.command("recipe")
@@ -375,11 +379,12 @@ def train_seg(data: str, out: str, steps: int, seed: int, progress: bool, model_
               help="Steps of the seg stage after stage 2 (ours: seg projector and module only, one image a step "
                    "with all its masks); 0: none.")
 @click.option("--seg-detail-channels", default=0, show_default=True, type=click.IntRange(min=0), help=DETAIL_HELP)
+@click.option("--seg-key-repeat", default=1, show_default=True, type=click.IntRange(min=1), help=KEY_REPEAT_HELP)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def train_recipe(name: str, out: str, data: str | None, n_cases: int, seed: int, clip_steps: int, align_steps: int,
                  instruct_steps: int, seg_warmup_steps: int, lr_seg_instruct: float | None, lr_instruct: float,
                  lm_loss: str, closed_vqa_format: str, train_vision: bool, seg_steps: int, seg_detail_channels: int,
-                 progress: bool) -> None:
+                 seg_key_repeat: int, progress: bool) -> None:
     """Run synth -> clip -> align -> instruct (-> seg) end to end and save OUT/model (a compact checkpoint)."""
     from m3d_edge.train.recipe import RecipeConfig, run_recipe
 
@@ -390,7 +395,7 @@ def train_recipe(name: str, out: str, data: str | None, n_cases: int, seed: int,
                                        lr_instruct=lr_instruct, lm_loss=lm_loss,
                                        closed_vqa_format=closed_vqa_format, train_vision=train_vision,
                                        seg_steps=seg_steps, seg_detail_channels=seg_detail_channels,
-                                       progress=progress))
+                                       seg_key_repeat=seg_key_repeat, progress=progress))
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(str(path))

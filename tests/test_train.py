@@ -459,3 +459,20 @@ def test_seg_stage_trains_an_added_detail_path(tmp_path):
     assert model.seg_module.detail.out.weight.abs().sum() > 0
     state = model.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in frozen.items())
+
+
+def test_seg_stage_entries_repeat_the_key_organs():
+    """key_repeat R: every image R times an epoch with all its key-organ masks and every R-th other mask (offset
+    by the pass), so each mask comes at least once and the key organs R times; an empty entry is dropped; R=1 is
+    one entry an image with every mask (the stage as v7 and v8 ran it)."""
+    from m3d_edge.train.recipe import RecipeConfig, seg_stage_entries
+
+    classes = {"a.npy": ["liver", "aorta", "spleen", "lung", "stomach"], "b.npy": ["aorta"]}
+    assert seg_stage_entries(classes, 1) == [("a.npy", (0, 1, 2, 3, 4)), ("b.npy", (0,))]
+    assert seg_stage_entries(classes, 2) == [("a.npy", (0, 1, 2, 4)), ("a.npy", (0, 2, 3)), ("b.npy", (0,))]
+    entries = seg_stage_entries(classes, 3)
+    seen = [(image, i) for image, picked in entries for i in picked]
+    assert seen.count(("a.npy", 0)) == seen.count(("a.npy", 2)) == 3
+    assert all(seen.count(k) == 1 for k in (("a.npy", 1), ("a.npy", 3), ("a.npy", 4), ("b.npy", 0)))
+    with pytest.raises(ValueError, match="seg_key_repeat"):
+        RecipeConfig(out="x", seg_key_repeat=0)

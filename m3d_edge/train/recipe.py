@@ -81,6 +81,9 @@ class RecipeConfig:
     # path it adds to the seg module (SegConfig.detail_channels; 0 = none)
     seg_steps: int = 0
     seg_detail_channels: int = 0
+    # the seg stage shows each image this many times an epoch, each time with all its key-organ masks and a share
+    # of its other masks (`seg_stage_entries`): the key organs get that many times the steps; 1 = every mask once
+    seg_key_repeat: int = 1
     mixed_precision: str = field(default_factory=lambda: "bf16" if cpu_supports_bf16() else "auto")
     progress: bool = True
 
@@ -90,6 +93,8 @@ class RecipeConfig:
         if self.closed_vqa_format not in CLOSED_VQA_FORMATS:
             raise ValueError(f"RecipeConfig.closed_vqa_format must be one of {', '.join(CLOSED_VQA_FORMATS)}, "
                              f"got {self.closed_vqa_format!r}")
+        if self.seg_key_repeat < 1:
+            raise ValueError(f"RecipeConfig.seg_key_repeat must be at least 1, got {self.seg_key_repeat}")
 
 
 def _log(msg: str) -> None:
@@ -214,7 +219,7 @@ def train_seg(cfg: RecipeConfig, model, collate, items: Sequence[TaskItem], out:
     _log(f"seg: caching vision features of {len({it.image for it in seg_items})} images and the [SEG] states of "
          f"{len(seg_items)} samples (LLM and tower frozen)")
     cache = CachedFeatures(model, seg_items, cfg.progress)
-    states: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    states: dict[str, list[tuple[str, str, torch.Tensor]]] = {}
     with torch.no_grad():
         for it in tqdm(seg_items, desc="[SEG] states", disable=not cfg.progress):
             # only the text is needed here: the masks are read per step, at training time
@@ -224,16 +229,18 @@ def train_seg(cfg: RecipeConfig, model, collate, items: Sequence[TaskItem], out:
             h, found = average_selected(hidden, seg_hidden_positions(ids, model.cfg.seg_token_id))
             if not found.all():
                 raise ValueError(f"{it.mask}: the sample's answer has no [SEG] token")
-            states.setdefault(it.image, []).append((it.mask, h[0]))
-    images = sorted(states)
+            states.setdefault(it.image, []).append((it.mask, it.target, h[0]))
+    entries = seg_stage_entries({image: [c for _, c, _ in s] for image, s in sorted(states.items())},
+                                cfg.seg_key_repeat)
     pool = tuple(i // (4 * g) for i, g in zip(model.cfg.vision.image_size, model.cfg.vision.grid))  # to 4x the grid
 
     def collate_image(batch):
-        (image,) = batch
+        ((image, picked),) = batch
+        chosen = [states[image][i] for i in picked]
         return {"images": torch.from_numpy(np.load(image))[None], "patch_tokens": cache.tokens[image][None],
-                "seg_hidden": torch.stack([h for _, h in states[image]]),
+                "seg_hidden": torch.stack([h for _, _, h in chosen]),
                 "seg_masks": torch.nn.functional.avg_pool3d(
-                    torch.stack([torch.from_numpy(np.load(m)).float() for m, _ in states[image]]), pool)}
+                    torch.stack([torch.from_numpy(np.load(m)).float() for m, _, _ in chosen]), pool)}
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -244,9 +251,29 @@ def train_seg(cfg: RecipeConfig, model, collate, items: Sequence[TaskItem], out:
     rest_lr = cfg.lr_seg / 5 if cfg.lr_seg_instruct is None else cfg.lr_seg_instruct
     groups = [{"params": [p for p in seg_params if id(p) in detail_ids]},
               {"params": [p for p in seg_params if id(p) not in detail_ids], "lr": rest_lr}]
-    _log(f"seg: {len(images)} images, {cfg.seg_steps} steps of one image with all its masks")
-    run(model, groups, SampleList(images), collate_image, seg_stage_loss,
+    _log(f"seg: {len(states)} images, {cfg.seg_steps} steps of one image with "
+         + ("all its masks" if cfg.seg_key_repeat == 1 else
+            f"its key-organ masks and 1/{cfg.seg_key_repeat} of the others ({len(entries)} a epoch)"))
+    run(model, groups, SampleList(entries), collate_image, seg_stage_loss,
         _train_config(cfg, out, cfg.seg_steps, 1, cfg.lr_seg, 4))
+
+
+def seg_stage_entries(classes: dict[str, Sequence[str]], key_repeat: int = 1) -> list[tuple[str, tuple[int, ...]]]:
+    """The seg stage's epoch: (image, indices of its masks) entries, given each image's mask classes in order.
+
+    Each image appears `key_repeat` times, each time with all its key-organ masks (phantom.KEY_ORGANS) and every
+    key_repeat-th of its other masks, offset by the pass, so that every mask comes once or more an epoch and the
+    key organs key_repeat times; an entry left with no mask is dropped. key_repeat 1: one entry an image, every
+    mask (v7, v8). Fewer masks an entry is also a cheaper step: the decoder runs once per mask."""
+    entries = []
+    for image, names in classes.items():
+        key = [i for i, c in enumerate(names) if c in KEY_ORGANS]
+        other = [i for i, c in enumerate(names) if c not in KEY_ORGANS]
+        for r in range(key_repeat):
+            picked = tuple(sorted(key + other[r::key_repeat]))
+            if picked:
+                entries.append((image, picked))
+    return entries
 
 
 def validated_items(cfg: RecipeConfig, data: str | Path) -> list[TaskItem]:
