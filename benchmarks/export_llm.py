@@ -76,8 +76,8 @@ BUSY_CORES = 0.25  # other processes' average CPU above which a run is marked as
 PRECISIONS = ("fp32", "fp16", "int4-q41-lora8", "int4-q41", "int4-rtn", "int4-hqq", "int4-gptq")
 # a diagnostic beside the four bundle precisions: RTN with the LM head (the tied embedding) left fp32
 RTN_FP32_HEAD = "int4-rtn-fp32-head"
-BUNDLE_FILES = ("decoder.onnx", "decoder.onnx.data", "embeddings.npy", "vision.onnx", "seg_decoder.onnx",
-                "tokenizer.json")
+BUNDLE_FILES = ("decoder.onnx", "decoder.onnx.data", "embeddings.npy", "vision.onnx", "seg_detail.onnx",
+                "seg_decoder.onnx", "tokenizer.json")  # seg_detail.onnx only with a seg detail path
 DECODER_FILES = BUNDLE_FILES[:2]
 HELD_OUT_SEED = 20_000  # phantom seed used by no training set
 # SmolLM2's ChatML; the same ids go to every engine
@@ -226,7 +226,8 @@ def build_artefacts(source: Source, workdir: Path) -> dict[str, Any]:
 def sizes(art: dict[str, Any], gguf: Path) -> dict[str, Any]:
     """MB (10^6 bytes) per bundle file for each LLM precision (vision fp32), and the fp16 vision graphs."""
     bundle_dir: Path = art["bundle"]
-    shared = {name: (bundle_dir / name).stat().st_size / MB for name in BUNDLE_FILES[2:]}
+    shared = {name: (bundle_dir / name).stat().st_size / MB
+              for name in BUNDLE_FILES[2:] if (bundle_dir / name).is_file()}
     per_precision = {}
     for precision, decoder in art["decoders"].items():
         files = {name: (decoder.parent / name).stat().st_size / MB

@@ -154,7 +154,17 @@ def child_runtime(args: argparse.Namespace) -> dict[str, Any]:
                       "first_token_s": median([x["preprocess"] + x["vision"] + x["prefill"] for x in t])})
     read_s = median([r["read_s"] for r in runs])
     per_q[0]["first_token_s"] += read_s  # the first question also waits for the file
+    # the mask step alone: a scan's first mask (the scan cache cleared, so the seg module's per-scan work, e.g. a
+    # detail path, runs), then another mask of the same scan (that work reused); in the four-question runs above
+    # the mask of the segmentation question is not always the scan's first (a box answer may write [SEG] too)
+    seg = QUESTIONS[SEG_QUESTION], procs[SEG_QUESTION]
+    first, again = [], []
+    for _ in range(args.repeat):
+        pipe.clear_cache()
+        first.append(pipe.ask(volume, seg[0], max_new_tokens=args.new_tokens, logits_processor=seg[1]).timings["seg"])
+        again.append(pipe.ask(volume, seg[0], max_new_tokens=args.new_tokens, logits_processor=seg[1]).timings["seg"])
     return {"load_s": load_s, "e2e_s": median([r["wall_s"] for r in runs]), "read_s": read_s, "questions": per_q,
+            "seg_first_s": median(first), "seg_again_s": median(again),
             "decode_tokens_per_s": median([q["decode_tokens_per_s"] for q in per_q]),
             "token_ids": [list(a.token_ids) for a in last],
             "mask_voxels": [int(a.mask.array.sum()) if a.mask is not None else None for a in last],
@@ -549,8 +559,9 @@ def markdown(res: dict[str, Any]) -> str:
     row("decode tokens/s", rt["decode_tokens_per_s"], ref["decode_tokens_per_s"], "{:.1f}", better_low=False)
     row("vision (s; runtime: once per scan, reference: every question)", rt["questions"][0]["stages_s"]["vision"],
         median([q["stages_s"]["vision"] for q in ref["questions"]]), "{:.3f}")
-    row("segmentation (s)", rt["questions"][SEG_QUESTION]["stages_s"]["seg"],
-        ref["questions"][SEG_QUESTION]["stages_s"]["seg"], "{:.3f}")
+    ref_seg = ref["questions"][SEG_QUESTION]["stages_s"]["seg"]  # the reference runs the whole seg module per mask
+    row("segmentation: a scan's first mask (s)", rt["seg_first_s"], ref_seg, "{:.3f}")
+    row("segmentation: another mask of the same scan (s)", rt["seg_again_s"], ref_seg, "{:.3f}")
     row("peak RSS (MB)", rt["peak_rss_mb"], ref["peak_rss_mb"], "{:.0f}")
     row("load (s)", rt["load_s"], ref["load_s"])
     lines.append("")

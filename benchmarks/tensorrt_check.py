@@ -10,9 +10,9 @@
 3. Accuracy: each engine against ONNX Runtime CPU fp32 on the same random input (images uniform in [0, 1], other
    inputs standard normal), batch 1 and 8: relative error max|a - b| / max|b| per output. ORT CUDA and torch eager
    fp32 are compared to the same reference (ORT CUDA may use TF32; eager shows the bundle matches its model).
-4. Latency: median of --runs calls after warm-up, CUDA events, for vision and seg_decoder (and seg_encoder when
-   the bundle has one) at batch 1 and 8: TensorRT; ORT CUDA with IO binding on torch buffers (no host copies);
-   torch eager fp32 and fp16 autocast. ORT runs are synchronous (ORT syncs its stream at the end of Run), so the
+4. Latency: median of --runs calls after warm-up, CUDA events, for vision and seg_decoder (and seg_encoder and
+   seg_detail when the bundle has them) at batch 1 and 8: TensorRT; ORT CUDA with IO binding on torch buffers
+   (no host copies); torch eager fp32 and fp16 autocast. ORT runs are synchronous (ORT syncs its stream at the end of Run), so the
    events around them measure the whole call.
 
 Writes OUTDIR/tensorrt_check.json (rewritten after every step, so a run stopped by a timeout keeps what it
@@ -36,7 +36,7 @@ import numpy as np
 from m3d_edge.bench.timing import cuda_time_ms
 
 BATCHES = (1, 8)
-TIMED = ("vision", "seg_encoder", "seg_decoder")
+TIMED = ("vision", "seg_encoder", "seg_detail", "seg_decoder")
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:

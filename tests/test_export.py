@@ -101,11 +101,13 @@ def _shared_tiny(detail_channels: int = 0):
 
 @pytest.mark.parametrize("which", ["official", "shared", "detail"])
 def test_vision_and_seg_graphs_match_torch(which, official, tmp_path):
-    """... and a seg module with a detail path (ours) reads the images in seg_decoder.onnx."""
+    """... and a seg module with a detail path (ours) has it as a graph of its own, seg_detail.onnx, whose output
+    seg_decoder.onnx reads."""
     model = {"official": lambda: official, "shared": _shared_tiny, "detail": lambda: _shared_tiny(4)}[which]()
     paths = onnx_export.export_all(model, tmp_path)
     shared = which != "official"
-    assert sorted(paths) == (["seg_decoder", "vision"] if shared else ["seg_decoder", "seg_encoder", "vision"])
+    assert sorted(paths) == {"official": ["seg_decoder", "seg_encoder", "vision"], "shared": ["seg_decoder", "vision"],
+                             "detail": ["seg_decoder", "seg_detail", "vision"]}[which]
     g = torch.Generator().manual_seed(1)
     images = torch.rand((2, 1, 32, 256, 256), generator=g)  # batch 2: the batch axis is dynamic
     seg_hidden = torch.randn((2, model.cfg.llm.hidden_size), generator=g)
@@ -129,7 +131,12 @@ def test_vision_and_seg_graphs_match_torch(which, official, tmp_path):
         assert rel_err(emb, embedding) <= 1e-4, f"seg_encoder.onnx rel err {rel_err(emb, embedding):.2e}"
         image_in = {"seg_embedding": emb}
     if which == "detail":
-        image_in["images"] = images.numpy()
+        detail = session(paths["seg_detail"]).run(None, {"images": images.numpy()})[0]
+        with torch.no_grad():
+            want = model.seg_module.detail_features(images)
+        assert detail.shape == (2, 12, 32, 64, 64)
+        assert rel_err(detail, want) <= 1e-4, f"seg_detail.onnx rel err {rel_err(detail, want):.2e}"
+        image_in["seg_detail"] = detail
         with torch.no_grad():
             assert rel_err(model.seg_module.decode(embedding, model.seg_projector(seg_hidden),
                                                    detail=torch.zeros(1, 12, 32, 64, 64)), masks) > 1e-2

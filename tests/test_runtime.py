@@ -61,7 +61,7 @@ def _model(placement: str, shared: bool, seed: int, detail_channels: int = 0):
 def models_and_bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("runtime-bundles")
     out = {}
-    # the by_id model also has a seg detail path (ours), which reads the model input in seg_decoder.onnx
+    # the by_id model also has a seg detail path (ours): seg_detail.onnx reads the model input, once per scan
     for name, placement, shared, seed, detail in (("positional", "positional", False, 0, 0),
                                                   ("by_id", "by_id", True, 1, 4)):
         model = _model(placement, shared, seed, detail)
@@ -253,6 +253,8 @@ def test_pipeline_matches_torch_generate(placement, models_and_bundles, case_vol
     runs = pipe.runs
     assert runs["vision"] == 1 and runs["seg_decoder"] == 2
     assert runs["seg_encoder"] == (0 if placement == "by_id" else 1)  # by_id bundle: shared tower, no seg encoder
+    # by_id bundle: a detail path, run once for the scan's two masks (each matched torch above)
+    assert runs["seg_detail"] == (1 if placement == "by_id" else 0)
     # the same five questions decoded together (one ORT run per step for all rows) give the same answers
     batched = pipe.ask_many(case_volume, [q for q, _ in prompts], max_new_tokens=MAX_NEW,
                             logits_processors=[forcing(steps)[1] for _, steps in prompts])
@@ -500,3 +502,17 @@ def test_npy_rows_read_the_embedding_table_exactly(tmp_path, monkeypatch, pread)
     (tmp_path / "text.npy").write_text("not an array")
     with pytest.raises(BundleError, match="text.npy: not a .npy array"):
         NpyRows(tmp_path / "text.npy")
+
+
+def test_a_seg_decoder_without_its_detail_graph_is_refused(models_and_bundles, tmp_path):
+    """A bundle whose seg decoder reads seg_detail but has no seg_detail graph fails at load, naming the file and
+    the fix, not at the first [SEG]."""
+    bad = tmp_path / "no-detail"
+    shutil.copytree(models_and_bundles["by_id"][1], bad)
+    assert Pipeline.load(bad).runs["seg_detail"] == 0  # the copy loads as it is
+    manifest = json.loads((bad / "manifest.json").read_text())
+    del manifest["components"]["seg_detail"], manifest["files"]["seg_detail.onnx"]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    (bad / "seg_detail.onnx").unlink()
+    with pytest.raises(BundleError, match=r"seg_decoder.onnx: inputs .*seg_detail.* export the bundle again"):
+        Pipeline.load(bad)

@@ -24,7 +24,8 @@ DEFAULT_LLM = "int4-q41-lora8"
 # is int4-q41.
 # What the export writes for a given checkpoint; bumped whenever that changes, so that cached default bundles
 # (`m3d-edge run` without --bundle) are rebuilt. 2: ViT attention traced in query chunks (export.onnx).
-EXPORT_REVISION = 2
+# 3: a seg detail path is its own graph, seg_detail.onnx, instead of a part of seg_decoder.onnx.
+EXPORT_REVISION = 3
 
 
 # What a checkpoint folder holds for people, not for the loader: the model card and its held-out metrics. Editing

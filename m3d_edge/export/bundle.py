@@ -2,7 +2,7 @@
 
     bundle/
       manifest.json       format m3d-edge-bundle/1; config, tokens, generation defaults, components, sha256s
-      vision.onnx         [+ seg_encoder.onnx] [+ seg_decoder.onnx]    (export.onnx)
+      vision.onnx   [+ seg_encoder.onnx] [+ seg_detail.onnx] [+ seg_decoder.onnx]    (export.onnx)
       decoder.onnx (+ decoder.onnx.data)                                 (export.llm, export.quantize)
       embeddings.npy      [V, H] float16
       tokenizer.json

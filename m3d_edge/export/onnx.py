@@ -8,13 +8,15 @@ the mask decoder runs only when the answer holds [SEG].
                       (+ patch_tokens [B, 2048, C] when the seg module shares the vision tower, so the runtime
                       feeds the mask decoder without running the ViT a second time)
     seg_encoder.onnx  images [B, 1, 32, 256, 256] -> seg_embedding [B, E, 8, 16, 16]      (only when not shared)
+    seg_detail.onnx   images [B, 1, 32, 256, 256] -> seg_detail [B, E/8, 32, 64, 64]  (only with a detail path)
     seg_decoder.onnx  (seg_embedding [B, E, 8, 16, 16] | patch_tokens [B, 2048, C] when shared,
-                       seg_hidden [B, H_llm] (, images [B, 1, 32, 256, 256] with a seg detail path))
+                       seg_hidden [B, H_llm] (, seg_detail [B, E/8, 32, 64, 64] with a detail path))
                       -> mask_logits [B, 1, 32, 256, 256]
 
-The mask decoder's image input is named after the tensor that feeds it (`seg_embedding` from seg_encoder.onnx,
-`patch_tokens` from vision.onnx), so the runtime joins outputs to inputs by name and never reshapes. `seg_hidden`
-is the LLM hidden state that predicted [SEG]; `seg_projector` runs inside seg_decoder.onnx.
+The mask decoder's image inputs are named after the tensors that feed them (`seg_embedding` from
+seg_encoder.onnx, `patch_tokens` from vision.onnx, `seg_detail` from seg_detail.onnx), so the runtime joins
+outputs to inputs by name and never reshapes. `seg_hidden` is the LLM hidden state that predicted [SEG];
+`seg_projector` runs inside seg_decoder.onnx.
 
 Attention over the 2048 patch tokens is traced in chunks of ATTENTION_QUERY_CHUNK queries (`model.vit3d`'s
 `query_chunk`, set only while tracing). The graph computes the same numbers, but ONNX Runtime no longer holds
@@ -74,13 +76,28 @@ class SegEncoderGraph(nn.Module):
         return self.seg_module.encode(images)
 
 
+class SegDetailGraph(nn.Module):
+    """images [B, 1, 32, 256, 256] -> seg_detail [B, E/8, 32, 64, 64]: a seg module's detail path (ours).
+
+    A graph of its own, neither in vision.onnx (every scan would pay for it, [SEG] or not) nor in seg_decoder.onnx
+    (every mask would): the path reads only the image, so the runtime runs it once per scan, at the scan's first
+    [SEG], and every later mask of the scan reuses it. It is most of a mask's cost (docs/runtime.md).
+    """
+
+    def __init__(self, model: LaMed) -> None:
+        super().__init__()
+        self.seg_module = model.seg_module
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.seg_module.detail_features(images)
+
+
 class SegDecoderGraph(nn.Module):
-    """(image input, seg_hidden [B, H_llm]) -> mask_logits [B, 1, D, H, W].
+    """(image input, seg_hidden [B, H_llm] (, seg_detail)) -> mask_logits [B, 1, D, H, W].
 
     The image input is seg_embedding [B, E, 8, 16, 16], or patch tokens [B, 2048, C] when the vision tower is
     shared (turned into the grid here: a transpose the graph does for free, and one less contract to keep).
-    A seg module with a detail path (ours) also reads the model input `images`: the path runs here, only when a
-    [SEG] asks for a mask, rather than in vision.onnx for every scan.
+    A seg module with a detail path (ours) also reads that path's features, seg_detail.onnx's output.
     """
 
     def __init__(self, model: LaMed) -> None:
@@ -89,10 +106,10 @@ class SegDecoderGraph(nn.Module):
         self.from_tokens = model.cfg.seg.share_vision_encoder
 
     def forward(self, image: torch.Tensor, seg_hidden: torch.Tensor,
-                images: Optional[torch.Tensor] = None) -> torch.Tensor:
+                seg_detail: Optional[torch.Tensor] = None) -> torch.Tensor:
         embedding = self.seg_module.tokens_to_grid(image) if self.from_tokens else image
         prompt = self.seg_projector(seg_hidden)  # [B, H_llm] -> [B, E]
-        return self.seg_module.decode(embedding, prompt, detail=self.seg_module.detail_features(images))
+        return self.seg_module.decode(embedding, prompt, detail=seg_detail)
 
 
 @dataclass(frozen=True)
@@ -126,7 +143,9 @@ def graph_specs(model: LaMed, batch: int = 1) -> list[GraphSpec]:
         image_in = torch.randn((batch, cfg.seg.embed_dim, *cfg.vision.grid), generator=g)
     example, names = (image_in, hidden), (image_name, "seg_hidden")
     if cfg.seg.detail_channels:
-        example, names = (*example, images), (*names, "images")
+        specs.append(GraphSpec("seg_detail", SegDetailGraph(model), (images,), ("images",), ("seg_detail",)))
+        detail = torch.randn((batch, cfg.seg.embed_dim // 8, *(4 * n for n in cfg.vision.grid)), generator=g)
+        example, names = (*example, detail), (*names, "seg_detail")
     specs.append(GraphSpec("seg_decoder", SegDecoderGraph(model), example, names, ("mask_logits",)))
     return specs
 

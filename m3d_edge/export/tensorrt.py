@@ -1,6 +1,6 @@
 """TensorRT engines for a bundle's vision and segmentation graphs (GPU machines only).
 
-    build_engines(bundle) -> bundle/engines/<tag>/{vision,seg_encoder,seg_decoder}.engine + engines.json
+    build_engines(bundle) -> bundle/engines/<tag>/{vision,seg_encoder,seg_detail,seg_decoder}.engine + engines.json
 
 tag = <GPU name slug>-sm<compute capability>-trt<TensorRT version>, e.g. nvidia-h200-sm90-trt10.13.3.9
 (`gpu_tag()`): an engine only runs on the GPU model and the TensorRT version that built it, so a bundle carries one
@@ -57,7 +57,7 @@ def build_engines(bundle_dir: str | Path, *, fp16: bool = True, max_batch: int =
                   optimization_level: Optional[int] = None, progress: bool = True) -> Path:
     """Build TensorRT engines for the bundle's vision / seg graphs on this GPU; return the engine folder.
 
-    graphs: a subset of vision, seg_encoder, seg_decoder (default: each one the bundle has). optimization_level:
+    graphs: a subset of vision, seg_encoder, seg_detail, seg_decoder (default: each one the bundle has). optimization_level:
     TensorRT's builder optimization level 0..5 (None: TensorRT's default, 3; lower builds faster, runs slower).
     """
     if max_batch < 1:

@@ -8,8 +8,8 @@
       ─ tokenizer.json + embeddings.npy + image tokens (manifest placement) ─▶ prompt [1, T, H]
       ─ decoder.onnx: image prefix (cached KV) + question prefill    [prefill]     up to the first token
       ─ decoder.onnx one token at a time, stop ids from the manifest [decode]
-      ─ only after [SEG]: seg_encoder.onnx(x) (or the patch tokens) + seg_decoder.onnx(state that predicted [SEG]
-        (+ x, when the seg module has a detail path))
+      ─ only after [SEG]: seg_encoder.onnx(x) (or the patch tokens) [+ seg_detail.onnx(x), with a seg
+        detail path], both once per scan, + seg_decoder.onnx(those, the state that predicted [SEG])
         ─▶ mask logits [1, 1, 32, 256, 256] ─ sigmoid > 0.5 ─ Transform.invert_mask ─▶ mask on the source grid
                                                                     [seg]
       ─ boxes in the text (prompts.parse_boxes) ─ Transform.box_to_voxels / box_to_patient ─▶ Answer
@@ -17,7 +17,8 @@
 Caching. A scan is identified by a digest of its voxels, grid and preprocessing (not by the Python object), so the
 same scan read twice is recognised and a changed array is not. Per scan the pipeline keeps the Transform, the
 vision outputs, the model input while a separate seg encoder or a detail path may still need it, the seg module's
-image embedding once a [SEG] needed it, and the KV cache rows of the prompt's image prefix: every prompt starts
+image embedding and detail features once a [SEG] needed them (so a second mask of a scan runs the mask decoder
+alone), and the KV cache rows of the prompt's image prefix: every prompt starts
 [BOS?] + image tokens (by_id prompts with the N image tokens, positional ones with [BOS, image...]), so those rows
 are the same for every question about the scan and are copied back into the KV buffer (a memcpy of ~1.5 MB for
 phantom-small) instead of being recomputed. On the CPU only: the cache buffers
@@ -186,6 +187,7 @@ class _ScanFeatures:
     image_tokens: Optional[np.ndarray] = None  # [1, N, H]
     patch_tokens: Optional[np.ndarray] = None  # [1, 2048, C] when the seg decoder reads the vision tower
     seg_image: Optional[np.ndarray] = None  # the seg decoder's image input, once a [SEG] asked for it
+    seg_detail: Optional[np.ndarray] = None  # [1, E/8, 32, 64, 64], the detail path's features, the same way
     prefix: Optional[_Prefix] = None
 
 
@@ -239,9 +241,12 @@ class Pipeline:
         self._seg_encoder = engines.get(bundle.path("seg_encoder")) if bundle.has("seg_encoder") else None
         self._seg_decoder = (engines.get(bundle.path("seg_decoder"), mem_pattern=False)  # engines.session_options
                              if self.seg and bundle.has("seg_decoder") else None)
-        # a seg module with a detail path (ours) reads the model input again in the decoder
-        self._seg_reads_images = self._seg_decoder is not None and "images" in {
-            i.name for i in self._seg_decoder.get_inputs()}
+        # a seg module with a detail path (ours) reads the model input again, in seg_detail.onnx, once per scan
+        self._seg_detail = (engines.get(bundle.path("seg_detail"), mem_pattern=False)
+                            if self._seg_decoder is not None and bundle.has("seg_detail") else None)
+        self._seg_inputs = ({i.name for i in self._seg_decoder.get_inputs()}
+                            if self._seg_decoder is not None else set())
+        self._seg_reads_detail = "seg_detail" in self._seg_inputs
         self._decoder_session = engines.get(bundle.path("decoder"))
         self._decoder_spec = DecoderSpec.from_manifest(m["decoder"])
         self._embeddings = bundle.embeddings()  # [V, H] float16, rows read when looked up
@@ -254,7 +259,8 @@ class Pipeline:
         self._cache: OrderedDict[str, _ScanFeatures] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._cache_scans = cache_scans
-        self._runs = {"vision": 0, "seg_encoder": 0, "seg_decoder": 0, "prefix_prefill": 0, "prefix_reused": 0}
+        self._runs = {"vision": 0, "seg_encoder": 0, "seg_detail": 0, "seg_decoder": 0, "prefix_prefill": 0,
+                      "prefix_reused": 0}
         self._runs_lock = threading.Lock()
 
     # -- construction ----------------------------------------------------------------------------------------
@@ -298,6 +304,12 @@ class Pipeline:
             if not ok:
                 raise bundle_reader.BundleError(f"{self.bundle.root}: the seg decoder reads {name!r} from "
                                                 f"{source!r}, which the bundle does not provide")
+            unknown = sorted(self._seg_inputs - {name, "seg_hidden", "seg_detail"})
+            if unknown or (self._seg_reads_detail and self._seg_detail is None):
+                # e.g. a decoder that runs the detail path itself, on `images` (export revision 2)
+                raise bundle_reader.BundleError(
+                    f"{self.bundle.path('seg_decoder')}: inputs {sorted(self._seg_inputs)} are not what this runtime "
+                    f"feeds ({name}, seg_hidden, and seg_detail from a seg_detail graph); export the bundle again")
 
     @staticmethod
     def default_capacity(manifest: Mapping[str, Any]) -> int:
@@ -532,7 +544,7 @@ class Pipeline:
         shared = self.seg is not None and self.seg["image_source"] == "vision"
         if shared:
             feats.patch_tokens = outputs[self.seg["image_input"]]  # [1, 2048, C]
-        if not shared or self._seg_reads_images:
+        if not shared or self._seg_reads_detail:
             feats.x = x  # a separate seg encoder or a detail path reads the model input again, if a [SEG] comes
 
     def _prompt_ids(self, question: str) -> np.ndarray:
@@ -586,19 +598,21 @@ class Pipeline:
 
     def _segment(self, feats: _ScanFeatures, seg_hidden: np.ndarray) -> Volume:
         name = self.seg["image_input"]
-        with feats.lock:
+        with feats.lock:  # what a scan's masks share is computed at its first [SEG], once
             if self.seg["image_source"] == "vision":
                 image = feats.patch_tokens
             else:
                 if feats.seg_image is None:
                     feats.seg_image = self._seg_encoder.run([name], {"images": feats.x})[0]  # [1, E, 8, 16, 16]
-                    if not self._seg_reads_images:
-                        feats.x = None  # no longer needed: free 8 MB per cached scan
                     self._count("seg_encoder")
                 image = feats.seg_image
-        feeds = {name: image, "seg_hidden": seg_hidden[None].astype(np.float32)}
-        if self._seg_reads_images:
-            feeds["images"] = feats.x
+            if self._seg_reads_detail and feats.seg_detail is None:
+                feats.seg_detail = self._seg_detail.run(["seg_detail"], {"images": feats.x})[0]
+                self._count("seg_detail")
+            feeds = {name: image, "seg_hidden": seg_hidden[None].astype(np.float32)}
+            if self._seg_reads_detail:
+                feeds["seg_detail"] = feats.seg_detail
+            feats.x = None  # no longer needed: free 8 MB per cached scan
         logits = self._seg_decoder.run(["mask_logits"], feeds)[0]  # [1, 1, D, H, W]
         self._count("seg_decoder")
         return feats.transform.invert_mask(sigmoid_mask(logits)[0, 0])

@@ -1,7 +1,7 @@
 """Native TensorRT engines in a bundle: which folder fits this machine, and running one engine on torch CUDA tensors.
 
     bundle/engines/<tag>/            tag = <gpu slug>-sm<compute capability>-trt<TensorRT version>
-        vision.engine  [seg_encoder.engine]  seg_decoder.engine
+        vision.engine  [seg_encoder.engine]  [seg_detail.engine]  seg_decoder.engine
         engines.json                 tag, TensorRT version, per-engine sha256 and IO, build time
 
 A serialized engine only runs on the GPU model and the TensorRT version that built it (TensorRT refuses other
@@ -39,7 +39,7 @@ ENGINES_DIR = "engines"
 ENGINES_JSON = "engines.json"
 ENGINES_FORMAT = "m3d-edge-engines/1"
 ENGINE_SUFFIX = ".engine"
-GRAPHS = ("vision", "seg_encoder", "seg_decoder")  # the graphs TensorRT builds; decoder.onnx stays on ORT
+GRAPHS = ("vision", "seg_encoder", "seg_detail", "seg_decoder")  # the graphs TensorRT builds; decoder.onnx stays on ORT
 MIN_TENSORRT_MAJOR = 10  # the name-based IO API (set_input_shape / set_tensor_address / execute_async_v3)
 INSTALL_HINT = "run on a machine with an NVIDIA GPU and `pip install m3d-edge[gpu]`"
 
