@@ -12,8 +12,8 @@
    fp32 are compared to the same reference (ORT CUDA may use TF32; eager shows the bundle matches its model).
 4. Latency: median of --runs calls after warm-up, CUDA events, for vision and seg_decoder (and seg_encoder and
    seg_detail when the bundle has them) at batch 1 and 8: TensorRT; ORT CUDA with IO binding on torch buffers
-   (no host copies); torch eager fp32 and fp16 autocast. ORT runs are synchronous (ORT syncs its stream at the end of Run), so the
-   events around them measure the whole call.
+   (no host copies); torch eager fp32 and fp16 autocast. ORT runs are synchronous (ORT syncs its stream at the
+   end of Run), so the events around them measure the whole call.
 
 Writes OUTDIR/tensorrt_check.json (rewritten after every step, so a run stopped by a timeout keeps what it
 measured) and OUTDIR/tensorrt_check.md. Exit status: 0 when every engine is within --tolerance (default 1e-2) of
