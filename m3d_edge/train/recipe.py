@@ -253,7 +253,7 @@ def train_seg(cfg: RecipeConfig, model, collate, items: Sequence[TaskItem], out:
               {"params": [p for p in seg_params if id(p) not in detail_ids], "lr": rest_lr}]
     _log(f"seg: {len(states)} images, {cfg.seg_steps} steps of one image with "
          + ("all its masks" if cfg.seg_key_repeat == 1 else
-            f"its key-organ masks and 1/{cfg.seg_key_repeat} of the others ({len(entries)} a epoch)"))
+            f"its key-organ masks and 1/{cfg.seg_key_repeat} of the others ({len(entries)} an epoch)"))
     run(model, groups, SampleList(entries), collate_image, seg_stage_loss,
         _train_config(cfg, out, cfg.seg_steps, 1, cfg.lr_seg, 4))
 
