@@ -57,8 +57,9 @@ def build_engines(bundle_dir: str | Path, *, fp16: bool = True, max_batch: int =
                   optimization_level: Optional[int] = None, progress: bool = True) -> Path:
     """Build TensorRT engines for the bundle's vision / seg graphs on this GPU; return the engine folder.
 
-    graphs: a subset of vision, seg_encoder, seg_detail, seg_decoder (default: each one the bundle has). optimization_level:
-    TensorRT's builder optimization level 0..5 (None: TensorRT's default, 3; lower builds faster, runs slower).
+    graphs: a subset of vision, seg_encoder, seg_detail, seg_decoder (default: each one the bundle has).
+    optimization_level: TensorRT's builder optimization level 0..5 (None: TensorRT's default, 3; lower builds
+    faster, runs slower).
     """
     if max_batch < 1:
         raise ValueError(f"max_batch={max_batch}; it must be at least 1")
