@@ -346,14 +346,17 @@ def train_instruct(data: str, out: str, steps: int, seed: int, progress: bool, m
               help="Checkpoint folder to start from (a stage-2 run's OUT/model, or models/phantom-small).")
 @click.option("--detail-channels", default=0, show_default=True, type=click.IntRange(min=0), help=DETAIL_HELP)
 @click.option("--key-repeat", default=1, show_default=True, type=click.IntRange(min=1), help=KEY_REPEAT_HELP)
+@click.option("--extra-data", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="Another data set whose training split joins --data's (repeatable; e.g. `m3d-edge synth` phantoms "
+                   "of another seed: more training images, the same held-out split).")
 def train_seg(data: str, out: str, steps: int, seed: int, progress: bool, model_dir: str,
-              detail_channels: int, key_repeat: int) -> None:
+              detail_channels: int, key_repeat: int, extra_data: tuple[str, ...]) -> None:
     """Seg only (ours): the seg projector and module on every training mask, LLM and tower frozen, their [SEG]
     states and tokens computed once; writes OUT/model (the checkpoint's LoRA adapter kept)."""
     from m3d_edge.train.recipe import RecipeConfig, seg_stage
 
     _run_stage(seg_stage, RecipeConfig(out=out, seed=seed, seg_steps=steps, seg_detail_channels=detail_channels,
-                                       seg_key_repeat=key_repeat, progress=progress), data, model_dir)
+                                       seg_key_repeat=key_repeat, progress=progress), data, model_dir, extra_data)
 
 
 @train.command("recipe")

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 import warnings
 
 import numpy as np
@@ -476,3 +477,22 @@ def test_seg_stage_entries_repeat_the_key_organs():
     assert all(seen.count(k) == 1 for k in (("a.npy", 1), ("a.npy", 3), ("a.npy", 4), ("b.npy", 0)))
     with pytest.raises(ValueError, match="seg_key_repeat"):
         RecipeConfig(out="x", seg_key_repeat=0)
+
+
+def test_training_items_join_the_extra_data_sets(tmp_path):
+    """validated_items with extra data sets: the training samples of --data, then those of each extra set, each
+    checked; one folder given twice is refused (its samples would count double)."""
+    from m3d_edge.data import phantom as P
+    from m3d_edge.data.datasets import task_items
+    from m3d_edge.train.recipe import RecipeConfig, validated_items
+
+    template = (Path(__file__).parents[1] / "../shared/data/totalseg").resolve()
+    a, b = (P.synthesize(tmp_path / name, 2, seed, splits=(("train", 1), ("test", 1)), progress=False,
+                         template_dir=template, n_scan_copies=0) for name, seed in (("a", 0), ("b", 1)))
+    cfg = RecipeConfig(out=str(tmp_path / "run"))
+    items = validated_items(cfg, a, [b])
+    first, second = task_items(a, "train"), task_items(b, "train")
+    assert items == first + second and len(first) > 0 and len(second) > 0
+    assert all(Path(it.image).is_relative_to(b) for it in second)
+    with pytest.raises(ValueError, match="given twice"):
+        validated_items(cfg, a, [tmp_path / "b" / ".." / "a"])

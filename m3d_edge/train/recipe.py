@@ -156,19 +156,21 @@ def instruct_stage(cfg: RecipeConfig, data: str | Path, model_dir: str | Path) -
     return _save(model, Path(cfg.out) / "model", tok, adapter, lora)
 
 
-def seg_stage(cfg: RecipeConfig, data: str | Path, model_dir: str | Path) -> Path:
+def seg_stage(cfg: RecipeConfig, data: str | Path, model_dir: str | Path,
+              extra_data: Sequence[str | Path] = ()) -> Path:
     """Seg only, from a stage-2 checkpoint (ours, not the official recipe): writes OUT/model.
 
     The LLM, its LoRA and the vision tower stay as they are; the [SEG] states that stage 2's answers give and the
     tower's tokens are computed once; the seg projector and seg module are trained on every seg mask of the
-    training split, one image a step with all its masks. With `cfg.seg_detail_channels` and a checkpoint without
+    training split (of `data` and of each `extra_data` set, e.g. phantoms of another seed), one image a step with
+    all its masks. With `cfg.seg_detail_channels` and a checkpoint without
     a detail path, the path is added (its last layer at zero, so training starts from the checkpoint's masks) and
     trained at lr_seg, the rest of the seg module at lr_seg_instruct (default lr_seg / 5).
     """
     if not cfg.seg_steps:
         raise ValueError("the seg stage needs seg_steps > 0")
     model_dir = Path(model_dir)
-    items = validated_items(cfg, data)
+    items = validated_items(cfg, data, extra_data)
     model = checkpoint.load(model_dir)
     if model.cfg.seg is None:
         raise ValueError(f"{model_dir}: the model has no seg module")
@@ -276,9 +278,15 @@ def seg_stage_entries(classes: dict[str, Sequence[str]], key_repeat: int = 1) ->
     return entries
 
 
-def validated_items(cfg: RecipeConfig, data: str | Path) -> list[TaskItem]:
-    items = task_items(data, "train", seed=cfg.seed)
-    _log(f"validating {len(items)} training samples")
+def validated_items(cfg: RecipeConfig, data: str | Path, extra_data: Sequence[str | Path] = ()) -> list[TaskItem]:
+    """The training split's samples of `data`, then of each `extra_data` set, every file checked before a step."""
+    roots = [Path(data), *map(Path, extra_data)]
+    resolved = [r.resolve() for r in roots]
+    if len(set(resolved)) < len(resolved):
+        raise ValueError(f"the same data set is given twice among {[str(r) for r in roots]}; its samples would "
+                         "count double: pass each folder once")
+    items = [it for root in roots for it in task_items(root, "train", seed=cfg.seed)]
+    _log(f"validating {len(items)} training samples" + (f" of {len(roots)} data sets" if extra_data else ""))
     validate_items(items)
     return items
 
