@@ -170,6 +170,31 @@ def test_cached_vision_features_give_the_same_loss(tiny):
         own(None, batch["input_ids"], labels=batch["labels"], segs=batch["segs"], patch_tokens=patches)
 
 
+def test_seg_states_are_the_forward_hidden_states_at_seg(tiny):
+    """LaMed.seg_states (the seg stage's cache, no LM head) equals the forward's hidden state before each [SEG],
+    averaged when there are two, bit for bit; a sequence without [SEG] is flagged."""
+    _, collate = tiny
+    torch.manual_seed(0)
+    model = checkpoint.build(_shared_seg_tiny()).eval()
+    seg_id = model.cfg.seg_token_id
+    one, _ = collate.encode(LaMedSample(None, "segment the liver", "it is [SEG] ."))
+    two, _ = collate.encode(LaMedSample(None, "segment the liver", "[SEG] and [SEG] ."))
+    none, _ = collate.encode(LaMedSample(None, "what organ", "the spleen is normal"))
+    patches = torch.randn(1, *model.vision_features(torch.rand(1, 1, 32, 256, 256)).shape[1:])
+    with torch.no_grad():
+        for ids, n_seg in ((one, 1), (two, 2), (none, 0)):
+            ids = torch.tensor([ids])
+            at = [p - 1 for p in (ids[0] == seg_id).nonzero().flatten().tolist()]
+            assert len(at) == n_seg
+            h, found = model.seg_states(None, ids, patch_tokens=patches)
+            assert bool(found) == (n_seg > 0)
+            if n_seg:
+                hidden = model(None, ids, patch_tokens=patches).hidden[0]
+                torch.testing.assert_close(h[0], hidden[at].mean(0), rtol=0, atol=1e-6)
+            if n_seg == 1:
+                assert torch.equal(h[0], hidden[at[0]])
+
+
 def test_per_sample_lm_loss_weighs_every_sample_alike(tiny):
     """stages.lamed_loss(per_sample=True): the LM term is the mean of each sample's own (official) LM loss, taken on
     that sample alone; the token mean of the batch differs when the answers differ in length; Dice + BCE stay."""

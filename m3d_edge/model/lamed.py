@@ -199,11 +199,7 @@ class LaMed(nn.Module):
         per_sample_lm: the LM loss averaged per sample, then over samples, instead of the official token mean
         (`lm_loss`).
         """
-        patch = patch_tokens if patch_tokens is not None else (
-            self.vision_features(images) if images is not None else None)
-        image_tokens = self.mm_projector(patch) if patch is not None else None
-        embeds = self.prompt_embeds(input_ids, image_tokens)
-        hidden, _ = self._run_llm(embeds, attention_mask)
+        hidden, patch = self._last_hidden(images, input_ids, attention_mask, patch_tokens)
         logits = self.base_llm.lm_head(hidden)
         out = LaMedOutput(logits=logits, hidden=hidden)
         if labels is None:
@@ -222,6 +218,21 @@ class LaMed(nn.Module):
                 out.seg_logits = seg_logits
                 out.loss = out.loss + out.dice_loss + out.bce_loss
         return out
+
+    def _last_hidden(self, images, input_ids, attention_mask, patch_tokens):
+        """The LLM's last hidden states [B, T, H] over the prompt with its image tokens, and the patch tokens."""
+        patch = patch_tokens if patch_tokens is not None else (
+            self.vision_features(images) if images is not None else None)
+        image_tokens = self.mm_projector(patch) if patch is not None else None
+        hidden, _ = self._run_llm(self.prompt_embeds(input_ids, image_tokens), attention_mask)
+        return hidden, patch
+
+    def seg_states(self, images: Optional[torch.Tensor], input_ids: torch.Tensor, *,
+                   patch_tokens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The [SEG] states of teacher-forced sequences (prompt and answer), as `forward` gives them to the seg
+        module: ([B, H], has_any [B]). Skips the LM head, which costs a third of a short sequence's forward."""
+        hidden, _ = self._last_hidden(images, input_ids, None, patch_tokens)
+        return average_selected(hidden, seg_hidden_positions(input_ids, self.cfg.seg_token_id))
 
     # -- generation --------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -212,7 +212,6 @@ def seg_stage_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
 
 
 def train_seg(cfg: RecipeConfig, model, collate, items: Sequence[TaskItem], out: Path) -> None:
-    from m3d_edge.model.lamed import average_selected, seg_hidden_positions
     from tqdm.auto import tqdm
 
     seg_items = [it for it in items if it.task == "seg" and it.mask is not None]
@@ -227,8 +226,7 @@ def train_seg(cfg: RecipeConfig, model, collate, items: Sequence[TaskItem], out:
             # only the text is needed here: the masks are read per step, at training time
             ids, _ = collate.encode(LaMedSample(None, it.question, it.answer, source=it.mask))
             ids = torch.tensor([ids])
-            hidden = model(None, ids, patch_tokens=cache.tokens[it.image][None]).hidden
-            h, found = average_selected(hidden, seg_hidden_positions(ids, model.cfg.seg_token_id))
+            h, found = model.seg_states(None, ids, patch_tokens=cache.tokens[it.image][None])
             if not found.all():
                 raise ValueError(f"{it.mask}: the sample's answer has no [SEG] token")
             states.setdefault(it.image, []).append((it.mask, it.target, h[0]))
