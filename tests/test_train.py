@@ -2,8 +2,8 @@
 
 import dataclasses
 import json
-from pathlib import Path
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,8 +171,9 @@ def test_cached_vision_features_give_the_same_loss(tiny):
 
 
 def test_seg_states_are_the_forward_hidden_states_at_seg(tiny):
-    """LaMed.seg_states (the seg stage's cache, no LM head) equals the forward's hidden state before each [SEG],
-    averaged when there are two, bit for bit; a sequence without [SEG] is flagged."""
+    """LaMed.seg_states (the seg stage's cache, no LM head) equals the forward's hidden state before the [SEG],
+    bit for bit (the mean of the two, to float rounding, when there are two); a sequence without [SEG] is
+    flagged."""
     _, collate = tiny
     torch.manual_seed(0)
     model = checkpoint.build(_shared_seg_tiny()).eval()

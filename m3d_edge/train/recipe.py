@@ -163,9 +163,9 @@ def seg_stage(cfg: RecipeConfig, data: str | Path, model_dir: str | Path,
     The LLM, its LoRA and the vision tower stay as they are; the [SEG] states that stage 2's answers give and the
     tower's tokens are computed once; the seg projector and seg module are trained on every seg mask of the
     training split (of `data` and of each `extra_data` set, e.g. phantoms of another seed), one image a step with
-    all its masks. With `cfg.seg_detail_channels` and a checkpoint without
-    a detail path, the path is added (its last layer at zero, so training starts from the checkpoint's masks) and
-    trained at lr_seg, the rest of the seg module at lr_seg_instruct (default lr_seg / 5).
+    all its masks. With `cfg.seg_detail_channels` and a checkpoint without a detail path, the path is added (its
+    last layer at zero, so training starts from the checkpoint's masks) and trained at lr_seg, the rest of the seg
+    module at lr_seg_instruct (default lr_seg / 5).
     """
     if not cfg.seg_steps:
         raise ValueError("the seg stage needs seg_steps > 0")
