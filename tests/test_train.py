@@ -508,13 +508,13 @@ def test_seg_stage_entries_repeat_the_key_organs():
 def test_training_items_join_the_extra_data_sets(tmp_path):
     """validated_items with extra data sets: the training samples of --data, then those of each extra set, each
     checked; one folder given twice is refused (its samples would count double)."""
+    from conftest import TOTALSEG
     from m3d_edge.data import phantom as P
     from m3d_edge.data.datasets import task_items
     from m3d_edge.train.recipe import RecipeConfig, validated_items
 
-    template = (Path(__file__).parents[1] / "../shared/data/totalseg").resolve()
     a, b = (P.synthesize(tmp_path / name, 2, seed, splits=(("train", 1), ("test", 1)), progress=False,
-                         template_dir=template, n_scan_copies=0) for name, seed in (("a", 0), ("b", 1)))
+                         template_dir=TOTALSEG, n_scan_copies=0) for name, seed in (("a", 0), ("b", 1)))
     cfg = RecipeConfig(out=str(tmp_path / "run"))
     items = validated_items(cfg, a, [b])
     first, second = task_items(a, "train"), task_items(b, "train")

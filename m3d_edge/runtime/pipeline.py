@@ -15,15 +15,14 @@
       ─ boxes in the text (prompts.parse_boxes) ─ Transform.box_to_voxels / box_to_patient ─▶ Answer
 
 Caching. A scan is identified by a digest of its voxels, grid and preprocessing (not by the Python object), so the
-same scan read twice is recognised and a changed array is not. Per scan the pipeline keeps the Transform, the
-vision outputs, the model input while a separate seg encoder or a detail path may still need it, the seg module's
-image embedding and detail features once a [SEG] needed them (so a second mask of a scan runs the mask decoder
-alone), and the KV cache rows of the prompt's image prefix: every prompt starts
-[BOS?] + image tokens (by_id prompts with the N image tokens, positional ones with [BOS, image...]), so those rows
-are the same for every question about the scan and are copied back into the KV buffer (a memcpy of ~1.5 MB for
-phantom-small) instead of being recomputed. On the CPU only: the cache buffers
-there are numpy arrays the host can write; on a GPU the prefix is simply prefilled again (cheap there). The scan
-cache is a small LRU (`cache_scans`, default 4).
+same scan read twice is recognised and a changed array is not. Per scan the pipeline keeps the Transform, the vision
+outputs, the model input while a separate seg encoder or a detail path may still need it, the seg module's image
+embedding and detail features once a [SEG] needed them (so a second mask of a scan runs the mask decoder alone), and
+the KV cache rows of the prompt's image prefix: every prompt starts [BOS?] + image tokens (by_id prompts with the N
+image tokens, positional ones with [BOS, image...]), so those rows are the same for every question about the scan
+and are copied back into the KV buffer (a memcpy of ~1.5 MB for phantom-small) instead of being recomputed. On the
+CPU only: the cache buffers there are numpy arrays the host can write; on a GPU the prefix is simply prefilled again
+(cheap there). The scan cache is a small LRU (`cache_scans`, default 4).
 
 Several questions about one scan (`ask_many`, CPU) are decoded together: each prompt is prefilled into its own row
 of one batch KV cache, then one decoder.onnx run per step serves every row (runtime.decoder.DecoderBatch); the
