@@ -9,7 +9,7 @@ import sys
 import click
 
 from m3d_edge import __version__, offline_by_default
-from m3d_edge.data.prompts import CLOSED_VQA_FORMATS  # torch-free
+from m3d_edge.data.prompts import CLOSED_VQA_FORMATS, TASKS  # torch-free
 from m3d_edge.export import DEFAULT_LLM, EXPORT_REVISION, LLM_PRECISIONS  # torch-free (export/__init__.py)
 
 
@@ -70,12 +70,18 @@ def info(as_json: bool) -> None:
               help="clip.safetensors of the recipe, for retrieval R@1/5/10 over 100 fresh phantoms.")
 @click.option("--real-ct", default=None, type=click.Path(exists=True, file_okay=False, path_type=str),
               help="Folder with example_ct_sm.nii.gz and example_seg.nii.gz (TotalSegmentator's example).")
-@click.option("--per-task", default=30, show_default=True, type=click.IntRange(min=1))
-def evaluate(checkpoint: str, data: str, out: str, clip: str | None, real_ct: str | None, per_task: int) -> None:
+@click.option("--per-task", default=30, show_default=True, type=click.IntRange(min=1),
+              help="Samples of each task; semantic seg also takes this many of each key organ.")
+@click.option("--task", "tasks", multiple=True, type=click.Choice(TASKS),
+              help="Score only this task (repeatable; default: all seven).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def evaluate(checkpoint: str, data: str, out: str, clip: str | None, real_ct: str | None, per_task: int,
+             tasks: tuple[str, ...], progress: bool) -> None:
     """Held-out M3D-Bench metrics of CHECKPOINT (PyTorch, fp32, greedy), as a model card reports them."""
     from m3d_edge.bench.evaluate import model_card_metrics, write_report_json
 
-    result = model_card_metrics(checkpoint, data, clip=clip, real_ct=real_ct, per_task=per_task)
+    result = model_card_metrics(checkpoint, data, clip=clip, real_ct=real_ct, per_task=per_task,
+                                tasks=tasks or TASKS, progress=progress)
     write_report_json(out, result)
     click.echo(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1, default=float))
 

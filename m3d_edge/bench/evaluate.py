@@ -203,15 +203,16 @@ def load_phantom_clip(path: str | Path):
 
 
 def model_card_metrics(checkpoint_dir: str | Path, data: str | Path, *, clip: Optional[str | Path] = None,
-                       real_ct: Optional[str | Path] = None, per_task: int = 30, progress: bool = True) -> dict:
-    """Everything a model card reports: held-out task metrics, CLIP retrieval, and the real-CT check."""
+                       real_ct: Optional[str | Path] = None, per_task: int = 30, tasks: Sequence[str] = TASKS,
+                       progress: bool = True) -> dict:
+    """Everything a model card reports: held-out metrics of `tasks`, CLIP retrieval, and the real-CT check."""
     from m3d_edge.model import checkpoint, llm as llm_mod
 
     t0 = time.perf_counter()
     model = checkpoint.load(checkpoint_dir)
     tok = llm_mod.load_tokenizer(model.cfg.llm, checkpoint_dir)
     out: dict = {"checkpoint": str(checkpoint_dir), "data": str(data)}
-    split = evaluate_split(model, tok, data, "test", per_task=per_task, progress=progress)
+    split = evaluate_split(model, tok, data, "test", per_task=per_task, tasks=tasks, progress=progress)
     out["test"] = split["summary"]
     out["rows"] = split["rows"]
     stats = Path(data) / "stats.json"

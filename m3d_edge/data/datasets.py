@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from m3d_edge.data.prompts import training_text
+from m3d_edge.data.prompts import TASKS, training_text
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,6 @@ class LaMedCollator:
 
 
 # -- the eight tasks over the M3D layouts ---------------------------------------------------------------------------
-
-TASKS = ("caption", "vqa_closed", "vqa_open", "seg", "rec", "reg", "refseg")
 
 
 @dataclass(frozen=True)

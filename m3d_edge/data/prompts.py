@@ -22,6 +22,9 @@ from m3d_edge.config import BX_END, BX_START, IM_PATCH, SEG
 
 Box = tuple[float, float, float, float, float, float]
 
+# The task kinds of the M3D layouts as data/datasets reads them (M3D-Bench's eight, closed and open VQA apart).
+TASKS = ("caption", "vqa_closed", "vqa_open", "seg", "rec", "reg", "refseg")
+
 CAPTION = (
     "Please generate a medical report based on this image.",
     "Describe the findings of the medical image you see.",
