@@ -4,7 +4,6 @@ raise errors that name the file; a phantom dataset reads back through the same r
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from m3d_edge.data import m3d_formats as fmt
 from m3d_edge.data import phantom as P
 from m3d_edge.imaging.volume import Volume
 
-TEMPLATE = (Path(__file__).parents[1] / "../shared/data/totalseg").resolve()
+from conftest import TOTALSEG as TEMPLATE
 
 
 def _image(seed: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from scipy import ndimage as ndi
 from m3d_edge.cli import main
 from m3d_edge.data import phantom as P
 
-TEMPLATE = (Path(__file__).parents[1] / "../shared/data/totalseg").resolve()
+from conftest import TOTALSEG as TEMPLATE
 
 
 @pytest.fixture(scope="module")
