@@ -22,7 +22,7 @@ from m3d_edge.config import BX_END, BX_START, IM_PATCH, SEG
 
 Box = tuple[float, float, float, float, float, float]
 
-# The task kinds of the M3D layouts as data/datasets reads them (M3D-Bench's eight, closed and open VQA apart).
+# The LLM's tasks in the M3D layouts, as data/datasets reads them: M3D-Bench's eight but image-text retrieval (CLIP's).
 TASKS = ("caption", "vqa_closed", "vqa_open", "seg", "rec", "reg", "refseg")
 
 CAPTION = (
