@@ -355,14 +355,18 @@ def train_instruct(data: str, out: str, steps: int, seed: int, progress: bool, m
 @click.option("--extra-data", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=str),
               help="Another data set whose training split joins --data's (repeatable; e.g. `m3d-edge synth` phantoms "
                    "of another seed: more training images, the same held-out split).")
+@click.option("--states-cache", default=None, type=click.Path(file_okay=False, path_type=str),
+              help="Folder that keeps the [SEG] states between seg stages: a later stage from the same LLM and "
+                   "tower reads them instead of computing them again.")
 def train_seg(data: str, out: str, steps: int, seed: int, progress: bool, model_dir: str,
-              detail_channels: int, key_repeat: int, extra_data: tuple[str, ...]) -> None:
+              detail_channels: int, key_repeat: int, extra_data: tuple[str, ...], states_cache: str | None) -> None:
     """Seg only (ours): the seg projector and module on every training mask, LLM and tower frozen, their [SEG]
     states and tokens computed once; writes OUT/model (the checkpoint's LoRA adapter kept)."""
     from m3d_edge.train.recipe import RecipeConfig, seg_stage
 
     _run_stage(seg_stage, RecipeConfig(out=out, seed=seed, seg_steps=steps, seg_detail_channels=detail_channels,
-                                       seg_key_repeat=key_repeat, progress=progress), data, model_dir, extra_data)
+                                       seg_key_repeat=key_repeat, seg_states_cache=states_cache, progress=progress),
+               data, model_dir, extra_data)
 
 
 @train.command("recipe")

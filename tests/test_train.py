@@ -451,25 +451,32 @@ def test_instruct_groups_train_the_tower_with_the_seg_module(tiny, tmp_path, tra
     assert bool(moved) == train_vision, moved
 
 
+def _seg_stage_items(folder: Path) -> list:
+    """Two images in `folder`, each with a liver and a spleen mask: four seg items."""
+    from m3d_edge.data.datasets import TaskItem
+
+    s = samples(4)
+    items = []
+    for i in range(2):
+        image = folder / f"img{i}.npy"
+        np.save(image, (0.3 * i + 0.1 + 0.05 * s[i].image).astype(np.float32))
+        for name, j in (("liver", 0), ("spleen", 2)):
+            mask = folder / f"img{i}_{name}.npy"
+            np.save(mask, s[j].mask)
+            items.append(TaskItem("seg", str(image), f"segment the {name}", "it is [SEG] .", str(mask), target=name))
+    return items
+
+
 def test_seg_stage_trains_an_added_detail_path(tmp_path):
     """The seg stage from a trained model: a detail path added at zero leaves the masks as they were; ten steps
     on cached [SEG] states and tower tokens lower Dice + BCE, and train the path and the seg projector, not the
     LLM or the tower."""
-    from m3d_edge.data.datasets import TaskItem
     from m3d_edge.train.recipe import RecipeConfig, add_detail_path, train_seg
 
     torch.manual_seed(0)
     model = checkpoint.build(_shared_seg_tiny()).eval()
     collate = LaMedCollator(tiny_tokenizer(), model.cfg.num_image_tokens, model.cfg.vision.image_size, 300)
-    s = samples(4)
-    items = []
-    for i in range(2):
-        image = tmp_path / f"img{i}.npy"
-        np.save(image, (0.3 * i + 0.1 + 0.05 * s[i].image).astype(np.float32))
-        for name, j in (("liver", 0), ("spleen", 2)):
-            mask = tmp_path / f"img{i}_{name}.npy"
-            np.save(mask, s[j].mask)
-            items.append(TaskItem("seg", str(image), f"segment the {name}", "it is [SEG] .", str(mask), target=name))
+    items = _seg_stage_items(tmp_path)
     x = torch.from_numpy(np.load(items[0].image))[None]
     hidden = torch.randn(1, model.cfg.llm.hidden_size)
     with torch.no_grad():
@@ -486,6 +493,50 @@ def test_seg_stage_trains_an_added_detail_path(tmp_path):
     assert model.seg_module.detail.out.weight.abs().sum() > 0
     state = model.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in frozen.items())
+
+
+def test_seg_states_cache_is_read_back_by_a_later_stage(tmp_path, capsys):
+    """With a states cache, a first seg stage computes and stores the [SEG] states; a second stage from the same
+    frozen weights (its seg module trained or not) reads them all and trains exactly as the first did; other
+    frozen weights, or another answer, miss."""
+    import copy
+
+    from m3d_edge.train.recipe import RecipeConfig, SegStateCache, train_seg
+
+    torch.manual_seed(0)
+    model = checkpoint.build(_shared_seg_tiny()).eval()
+    twin = copy.deepcopy(model)
+    collate = LaMedCollator(tiny_tokenizer(), model.cfg.num_image_tokens, model.cfg.vision.image_size, 300)
+    items = _seg_stage_items(tmp_path)
+    cache = tmp_path / "cache"
+
+    def stage(m, out: str) -> tuple[list[float], str]:
+        cfg = RecipeConfig(out=str(tmp_path), seg_steps=3, lr_seg=3e-3, mixed_precision="no", progress=False,
+                           seg_states_cache=str(cache))
+        train_seg(cfg, m, collate, items, tmp_path / out)
+        log = (tmp_path / out / "log.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in log], capsys.readouterr().out
+
+    first, said = stage(model, "a")
+    assert "0 [SEG] states read" in said and "4 computed" in said
+    assert len(list(cache.glob("seg-states-*.safetensors"))) == 1
+    again, said = stage(twin, "b")  # the same frozen weights, the seg module as it was before "a"
+    assert "4 [SEG] states read" in said and "0 computed" in said
+    assert again == first
+    _, said = stage(model, "c")  # the seg module trained by "a": still the same states
+    assert "4 [SEG] states read" in said
+
+    other = copy.deepcopy(twin)
+    with torch.no_grad():
+        next(p for n, p in other.named_parameters() if n.startswith("llm.")).add_(1e-3)
+    assert SegStateCache(cache, other).path != SegStateCache(cache, twin).path
+    assert not SegStateCache(cache, other).states and len(SegStateCache(cache, twin).states) == 4
+    tokens = torch.ones(2, 3)
+    assert SegStateCache.key(tokens, [1, 5, 259]) != SegStateCache.key(tokens, [1, 5, 6, 259])
+    assert SegStateCache.key(tokens, [1, 5, 259]) != SegStateCache.key(tokens + 1e-6, [1, 5, 259])
+    next(cache.glob("*.safetensors")).write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="delete it"):
+        SegStateCache(cache, twin)
 
 
 def test_seg_stage_entries_repeat_the_key_organs():

@@ -84,6 +84,9 @@ class RecipeConfig:
     # the seg stage shows each image this many times an epoch, each time with all its key-organ masks and a share
     # of its other masks (`seg_stage_entries`): the key organs get that many times the steps; 1 = every mask once
     seg_key_repeat: int = 1
+    # a folder where the seg stage keeps the [SEG] states it computes, keyed by the frozen weights and the samples
+    # (`SegStateCache`): a later seg stage from the same LLM, projector and tower reads them instead (None = none)
+    seg_states_cache: Optional[str] = None
     mixed_precision: str = field(default_factory=lambda: "bf16" if cpu_supports_bf16() else "auto")
     progress: bool = True
 
@@ -165,7 +168,8 @@ def seg_stage(cfg: RecipeConfig, data: str | Path, model_dir: str | Path,
     training split (of `data` and of each `extra_data` set, e.g. phantoms of another seed), one image a step with
     all its masks. With `cfg.seg_detail_channels` and a checkpoint without a detail path, the path is added (its
     last layer at zero, so training starts from the checkpoint's masks) and trained at lr_seg, the rest of the seg
-    module at lr_seg_instruct (default lr_seg / 5).
+    module at lr_seg_instruct (default lr_seg / 5). With `cfg.seg_states_cache` the [SEG] states are read from,
+    and added to, that folder (`SegStateCache`).
     """
     if not cfg.seg_steps:
         raise ValueError("the seg stage needs seg_steps > 0")
@@ -220,16 +224,25 @@ def train_seg(cfg: RecipeConfig, model, collate, items: Sequence[TaskItem], out:
     _log(f"seg: caching vision features of {len({it.image for it in seg_items})} images and the [SEG] states of "
          f"{len(seg_items)} samples (LLM and tower frozen)")
     cache = CachedFeatures(model, seg_items, cfg.progress)
+    stored = SegStateCache(cfg.seg_states_cache, model) if cfg.seg_states_cache else None
     states: dict[str, list[tuple[str, str, torch.Tensor]]] = {}
     with torch.no_grad():
         for it in tqdm(seg_items, desc="[SEG] states", disable=not cfg.progress):
             # only the text is needed here: the masks are read per step, at training time
             ids, _ = collate.encode(LaMedSample(None, it.question, it.answer, source=it.mask))
-            ids = torch.tensor([ids])
-            h, found = model.seg_states(None, ids, patch_tokens=cache.tokens[it.image][None])
-            if not found.all():
-                raise ValueError(f"{it.mask}: the sample's answer has no [SEG] token")
-            states.setdefault(it.image, []).append((it.mask, it.target, h[0]))
+            key = stored.key(cache.tokens[it.image], ids) if stored else None
+            h = stored.get(key) if stored else None
+            if h is None:
+                hs, found = model.seg_states(None, torch.tensor([ids]), patch_tokens=cache.tokens[it.image][None])
+                if not found.all():
+                    raise ValueError(f"{it.mask}: the sample's answer has no [SEG] token")
+                h = hs[0]
+                if stored:
+                    stored.put(key, h)
+            states.setdefault(it.image, []).append((it.mask, it.target, h))
+    if stored:
+        _log(f"seg: {stored.hits} [SEG] states read from {stored.path}, {stored.added} computed")
+        stored.save()
     entries = seg_stage_entries({image: [c for _, c, _ in s] for image, s in sorted(states.items())},
                                 cfg.seg_key_repeat)
     pool = tuple(i // (4 * g) for i, g in zip(model.cfg.vision.image_size, model.cfg.vision.grid))  # to 4x the grid
@@ -491,6 +504,65 @@ def train_clip(cfg: RecipeConfig, data: Path, out: Path) -> dict[str, dict[str, 
         save_file({f"seg_module.{k}": v.contiguous() for k, v in model.seg_module.state_dict().items()},
                   str(out / "seg.safetensors"))
     return {"vision": clip.vision_encoder.state_dict(), "seg": model.seg_module.state_dict() if pairs else {}}
+
+
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+class SegStateCache:
+    """[SEG] states kept on disk between seg stages (ours). Every seg stage since v7 starts from an LLM, projector
+    and tower that the stages before it left as they were, so it would compute the same states again (most of
+    its 6-30 minutes of caching at phantom-small's sizes). One safetensors file per set of frozen weights, named
+    by a sha256 over every weight but the seg projector's and the seg module's; an entry per sample, keyed by a
+    sha256 of the image's tower tokens and the sample's token ids, so a changed image or text is computed anew."""
+
+    def __init__(self, folder: str | Path, model) -> None:
+        import hashlib
+
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        digest = hashlib.sha256()
+        for name, tensor in sorted(model.state_dict().items()):
+            if not name.startswith(("seg_projector.", "seg_module.")):
+                digest.update(name.encode())
+                digest.update(_raw_bytes(tensor))
+        self.path = Path(folder) / f"seg-states-{digest.hexdigest()[:20]}.safetensors"
+        try:
+            self.states: dict[str, torch.Tensor] = load_file(str(self.path)) if self.path.is_file() else {}
+        except SafetensorError as e:
+            raise ValueError(f"{self.path}: not a readable [SEG] states file ({e}); delete it and the seg stage "
+                             f"computes the states again") from e
+        self.hits = self.added = 0
+
+    @staticmethod
+    def key(tokens: torch.Tensor, ids: Sequence[int]) -> str:
+        import hashlib
+
+        h = hashlib.sha256(_raw_bytes(tokens))
+        h.update(np.asarray(ids, dtype=np.int64).tobytes())
+        return h.hexdigest()
+
+    def get(self, key: str) -> Optional[torch.Tensor]:
+        state = self.states.get(key)
+        self.hits += state is not None
+        return state
+
+    def put(self, key: str, state: torch.Tensor) -> None:
+        self.states[key] = state.detach().contiguous()
+        self.added += 1
+
+    def save(self) -> None:
+        """Write the file if anything was added (to a temporary name first, then renamed)."""
+        from safetensors.torch import save_file
+
+        if not self.added:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        save_file(self.states, str(tmp))
+        tmp.replace(self.path)
 
 
 # -- cached vision features (stages with a frozen tower) ---------------------------------------------------------
