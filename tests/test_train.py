@@ -498,7 +498,7 @@ def test_seg_stage_trains_an_added_detail_path(tmp_path):
 def test_seg_states_cache_is_read_back_by_a_later_stage(tmp_path, capsys):
     """With a states cache, a first seg stage computes and stores the [SEG] states; a second stage from the same
     frozen weights (its seg module trained or not) reads them all and trains exactly as the first did; other
-    frozen weights, or another answer, miss."""
+    frozen weights, other tower tokens or other token ids miss; a damaged file is refused."""
     import copy
 
     from m3d_edge.train.recipe import RecipeConfig, SegStateCache, train_seg
@@ -531,9 +531,10 @@ def test_seg_states_cache_is_read_back_by_a_later_stage(tmp_path, capsys):
         next(p for n, p in other.named_parameters() if n.startswith("llm.")).add_(1e-3)
     assert SegStateCache(cache, other).path != SegStateCache(cache, twin).path
     assert not SegStateCache(cache, other).states and len(SegStateCache(cache, twin).states) == 4
-    tokens = torch.ones(2, 3)
-    assert SegStateCache.key(tokens, [1, 5, 259]) != SegStateCache.key(tokens, [1, 5, 6, 259])
-    assert SegStateCache.key(tokens, [1, 5, 259]) != SegStateCache.key(tokens + 1e-6, [1, 5, 259])
+    tokens, stored = torch.ones(2, 3), SegStateCache(cache, twin)
+    assert stored.key("a.npy", tokens, [1, 5, 259]) != stored.key("a.npy", tokens, [1, 5, 6, 259])
+    assert stored.key("a.npy", tokens, [1, 5, 259]) != stored.key("b.npy", tokens + 1e-6, [1, 5, 259])
+    assert stored.key("a.npy", tokens, [1, 5, 259]) == stored.key("c.npy", tokens.clone(), [1, 5, 259])
     next(cache.glob("*.safetensors")).write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="delete it"):
         SegStateCache(cache, twin)

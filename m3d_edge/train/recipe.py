@@ -230,7 +230,7 @@ def train_seg(cfg: RecipeConfig, model, collate, items: Sequence[TaskItem], out:
         for it in tqdm(seg_items, desc="[SEG] states", disable=not cfg.progress):
             # only the text is needed here: the masks are read per step, at training time
             ids, _ = collate.encode(LaMedSample(None, it.question, it.answer, source=it.mask))
-            key = stored.key(cache.tokens[it.image], ids) if stored else None
+            key = stored.key(it.image, cache.tokens[it.image], ids) if stored else None
             h = stored.get(key) if stored else None
             if h is None:
                 hs, found = model.seg_states(None, torch.tensor([ids]), patch_tokens=cache.tokens[it.image][None])
@@ -535,12 +535,15 @@ class SegStateCache:
             raise ValueError(f"{self.path}: not a readable [SEG] states file ({e}); delete it and the seg stage "
                              f"computes the states again") from e
         self.hits = self.added = 0
+        self._tokens_digest: dict[str, bytes] = {}  # per image: its tokens hashed once, not once per sample
 
-    @staticmethod
-    def key(tokens: torch.Tensor, ids: Sequence[int]) -> str:
+    def key(self, image: str, tokens: torch.Tensor, ids: Sequence[int]) -> str:
+        """The entry of one sample: `image`'s tower `tokens` (hashed on the image's first sample) and its ids."""
         import hashlib
 
-        h = hashlib.sha256(_raw_bytes(tokens))
+        if image not in self._tokens_digest:
+            self._tokens_digest[image] = hashlib.sha256(_raw_bytes(tokens)).digest()
+        h = hashlib.sha256(self._tokens_digest[image])
         h.update(np.asarray(ids, dtype=np.int64).tobytes())
         return h.hexdigest()
 
