@@ -633,7 +633,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--soak", type=int, default=100,
                    help="questions in a row for the RSS growth check (a multiple of 4, at least 16)")
-    p.add_argument("--work", default=None, help="folder for the bundle and the scan [default: a temp folder]")
+    p.add_argument("--work", default=None, help="folder that keeps the bundles and the scan [default: a temp folder, removed at the end]")
     p.add_argument("--pairs", type=int, default=3,
                    help="paired rounds (runtime, reference, llama.cpp back to back) for the ratios; 0: none")
     p.add_argument("--llm", default="int4-q41-lora8", choices=("int4-q41", "int4-q41-lora8", "int4-rtn", "int4-hqq"),
@@ -649,8 +649,17 @@ def main() -> None:
     if args.child:
         print(json.dumps(CHILDREN[args.child](args)))
         return
-    args.work = args.work or tempfile.mkdtemp(prefix="m3d-bench-")
-    Path(args.work).mkdir(parents=True, exist_ok=True)
+    if args.work:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        measure(args)
+        return
+    with tempfile.TemporaryDirectory(prefix="m3d-bench-") as work:  # ~850 MB of bundles: not left in /tmp
+        args.work = work
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
+    """Build the bundles into args.work, run every child and the paired rounds, write the JSON and the table."""
     load_before = [round(v, 2) for v in os.getloadavg()]
     other_cpu = OtherCpu()
     bundles, scan, source = prepare(Path(args.work), args.llm)
