@@ -207,11 +207,11 @@ def run(scan: str, questions: tuple[str, ...], bundle_dir: str | None, out_dir: 
                 click.echo(f"    (empty answer: {len(answer.token_ids)} new token(s), stop reason "
                            f"{answer.stop_reason!r}; no [SEG], so no mask)")
             for box in answer.boxes:
-                lo, hi = box.patient_mm
-                click.echo(f"    box voxels (z0,y0,x0,z1,y1,x1) {list(box.voxels)}; LPS mm "
-                           f"[{', '.join(f'{v:.1f}' for v in lo)}] .. [{', '.join(f'{v:.1f}' for v in hi)}]")
+                click.echo(f"    box {_box_text(box)}")
             if "mask" in record:
                 click.echo(f"    mask: {record['mask']['voxels']} voxels, {record['mask']['volume_ml']} ml")
+                if answer.mask_box is not None:
+                    click.echo(f"    mask box {_box_text(answer.mask_box)}")
             for kind, path in files.items():
                 click.echo(f"    {kind}: {path}")
             note = ""
@@ -224,6 +224,13 @@ def run(scan: str, questions: tuple[str, ...], bundle_dir: str | None, out_dir: 
         (out / "answers.json").write_text(json.dumps(records, indent=2))
     if as_json:
         click.echo(json.dumps(records, indent=2))
+
+
+def _box_text(box) -> str:
+    """An answer's Box for the terminal: source voxels and the LPS mm of its corner voxels."""
+    lo, hi = box.patient_mm
+    return (f"voxels (z0,y0,x0,z1,y1,x1) {list(box.voxels)}; LPS mm "
+            f"[{', '.join(f'{v:.1f}' for v in lo)}] .. [{', '.join(f'{v:.1f}' for v in hi)}]")
 
 
 @main.command()

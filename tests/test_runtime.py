@@ -29,7 +29,7 @@ from m3d_edge.data.prompts import image_prompt, parse_boxes
 from m3d_edge.export import bundle as bundle_export
 from m3d_edge.imaging import Volume, read, write_nifti, write_series
 from m3d_edge.model import checkpoint
-from m3d_edge.preprocess import to_model_input
+from m3d_edge.preprocess import box_from_mask, to_model_input
 from m3d_edge.runtime.bundle import BundleError, NpyRows
 from m3d_edge.bench.metrics import dice
 from m3d_edge.runtime.pipeline import Pipeline, RuntimeInputError, measure, sigmoid_mask
@@ -249,6 +249,14 @@ def test_pipeline_matches_torch_generate(placement, models_and_bundles, case_vol
             d = dice(got.mask.array, ref_mask.array)
             assert d >= 0.999, f"{placement} {question!r}: mask Dice {d:.5f} vs torch"
             assert got.timings["seg"] > 0
+            # the box around the mask: torch's mask's box on the model grid, to a voxel (the masks agree to 0.999)
+            ref_box = box_from_mask(sigmoid_mask(ref.seg_logits.numpy())[0, 0])
+            one_voxel = np.tile(1 / np.array(x.shape[2:]), 2) + 1e-3
+            assert np.all(np.abs(np.subtract(got.mask_box.normalized, ref_box)) <= one_voxel), (got.mask_box, ref_box)
+            assert got.mask_box.voxels == tuple(transform.box_to_voxels(got.mask_box.normalized))
+            assert got.to_dict()["mask"]["box"] == got.mask_box.to_dict()
+        else:
+            assert got.mask_box is None and "mask" not in got.to_dict()
     assert masks == 2
     runs = pipe.runs
     assert runs["vision"] == 1 and runs["seg_decoder"] == 2
@@ -261,7 +269,7 @@ def test_pipeline_matches_torch_generate(placement, models_and_bundles, case_vol
     for one, together in zip(answers, batched):
         assert together.token_ids == one.token_ids and together.text == one.text, one.question
         assert together.boxes == one.boxes and together.stop_reason == one.stop_reason
-        assert (together.mask is None) == (one.mask is None)
+        assert (together.mask is None) == (one.mask is None) and together.mask_box == one.mask_box
         if one.mask is not None:
             assert np.array_equal(together.mask.array, one.mask.array)
     assert len({a.timings["decode"] for a in batched}) == 1  # the batched loop's time, shared
@@ -455,6 +463,11 @@ def test_cli_run_writes_answers_masks_and_overlays(bundle_dir, case_volume, tmp_
     assert mask.shape == case_volume.shape and np.allclose(mask.affine, case_volume.affine, atol=1e-4)
     assert int(np.count_nonzero(mask.array)) == records[1]["mask"]["voxels"] > 0
     assert json.loads((out / "answer-2.json").read_text())["files"]["mask"] == files["mask"]
+    # the box around the mask, in source voxels: the written mask's extent, to a voxel (the box is taken on the
+    # model grid, the mask resampled to the source grid)
+    where = np.nonzero(mask.array)
+    extent = [int(w.min()) for w in where] + [int(w.max()) for w in where]
+    assert np.abs(np.subtract(records[1]["mask"]["box"]["voxels"], extent)).max() <= 1, (records[1]["mask"], extent)
 
     # DICOM in: the mask also goes out as a DICOM SEG referencing the series
     dicom = tmp_path / "dicom"
@@ -463,6 +476,7 @@ def test_cli_run_writes_answers_masks_and_overlays(bundle_dir, case_volume, tmp_
                             "--max-new-tokens", "4", "-q", "Please segment the liver."])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "out2" / "answer-1-seg.dcm").is_file() and "dicom_seg:" in r.output
+    assert "mask box voxels (z0,y0,x0,z1,y1,x1)" in r.output
     r = runner.invoke(cli, ["run", str(tmp_path / "case.nii.gz"), "--bundle", str(bundle_dir), "--stream", "--json"])
     assert r.exit_code == 2 and "choose one" in r.output
 

@@ -70,6 +70,7 @@ def evaluate_split(model, tok, data: str | Path, split: str = "test", *, per_tas
             # where the mask lies, beside how well it overlaps (voxel indices z, y, x; None: empty)
             row["centre"] = metrics.mask_centre(logits > 0) if logits is not None else None
             row["target_centre"] = metrics.mask_centre(target)
+            row.update(mask_box_scores(logits, target))
         if it.task == "rec" and it.target:
             target_box = [float(v) for v in it.target.strip("[]").split(",")]
             boxes = parse_boxes(text)
@@ -105,13 +106,36 @@ def summarise(rows: Sequence[dict]) -> dict:
         if task in ("seg", "refseg"):
             s["dice"] = float(np.mean([r["dice"] for r in rs]))
             s["soft_dice"] = float(np.mean([r["soft_dice"] for r in rs]))
+            boxed = [r for r in rs if "mask_box_iou" in r]  # rows whose target has a box (not an empty mask)
+            if boxed:
+                s["mask_box_iou"] = float(np.mean([r["mask_box_iou"] for r in boxed]))
+                s["mask_box_iou_official"] = float(np.mean([r["mask_box_iou_official"] for r in boxed]))
             if task == "seg":
-                organs = defaultdict(list)
+                organs, organ_boxes = defaultdict(list), defaultdict(list)
                 for r in rs:
                     organs[r["target"]].append(r["dice"])
+                    if "mask_box_iou" in r:
+                        organ_boxes[r["target"]].append(r["mask_box_iou"])
                 s["dice_per_organ"] = {k: float(np.mean(v)) for k, v in sorted(organs.items())}
+                s["mask_box_iou_per_organ"] = {k: float(np.mean(v)) for k, v in sorted(organ_boxes.items())}
         out[task] = s
     return out
+
+
+def mask_box_scores(logits: Optional[np.ndarray], target: np.ndarray) -> dict:
+    """How the box around a [SEG] mask (what `Answer.mask_box` holds) matches the box of the target mask, both
+    on the model grid as REC's boxes are: true IoU and the official REC score, 0 for no mask or an empty one; {}
+    when the target is empty (no box to match)."""
+    from m3d_edge.preprocess import box_from_mask
+
+    target_box = box_from_mask(target)
+    if target_box is None:
+        return {}
+    box = box_from_mask(logits > 0) if logits is not None else None
+    if box is None:
+        return {"mask_box": None, "mask_box_iou": 0.0, "mask_box_iou_official": 0.0}
+    return {"mask_box": box, "mask_box_iou": metrics.rec_iou(box, target_box, official=False),
+            "mask_box_iou_official": max(0.0, metrics.rec_iou(box, target_box))}
 
 
 def clip_retrieval(clip, n: int = 100, seed: int = 10_000) -> dict:
@@ -162,6 +186,7 @@ def real_ct_check(model, tok, ct: str | Path, seg: str | Path, labels: dict[str,
             entry["dice"] = metrics.dice(mask, target)
         else:
             entry["dice"] = 0.0
+        entry.update(mask_box_scores(logits, transform.mask_to_model(target)))
         result[organ] = entry
     text, _ = ask(model, tok, image, "Where is the liver? Please output the box.", 48)
     boxes = parse_boxes(text)

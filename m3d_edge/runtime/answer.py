@@ -14,7 +14,7 @@ from m3d_edge.imaging.volume import Volume
 
 @dataclass(frozen=True)
 class Box:
-    """One box the model wrote, in three frames.
+    """One box (one the model wrote, or the one around a [SEG] mask), in three frames.
 
     normalized: the official text values [d0, h0, w0, d1, h1, w1] on the 32x256x256 model grid (spec §7.3)
     voxels:     inclusive (z0, y0, x0, z1, y1, x1) indices in the source volume
@@ -37,6 +37,9 @@ class Answer:
     token_ids: tuple[int, ...]
     boxes: tuple[Box, ...] = ()
     mask: Optional[Volume] = None  # uint8 on the source grid, present only when [SEG] was generated
+    # the box around the mask, taken on the model grid (None: no mask, or an empty one); the model did not write
+    # it, so it is kept apart from `boxes` (docs/runtime.md "Boxes")
+    mask_box: Optional[Box] = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (0.0: reused from the scan cache)
     stop_reason: str = "stop"  # "stop" (an end token) or "length" (max_new_tokens or the context ran out)
 
@@ -51,7 +54,8 @@ class Answer:
                                "timings_s": {k: round(v, 4) for k, v in self.timings.items()}}
         if self.mask is not None:
             voxels = int(np.count_nonzero(self.mask.array))
-            out["mask"] = {"voxels": voxels, "volume_ml": round(voxels * float(np.prod(self.mask.spacing)) / 1000, 2)}
+            out["mask"] = {"voxels": voxels, "volume_ml": round(voxels * float(np.prod(self.mask.spacing)) / 1000, 2),
+                           "box": self.mask_box.to_dict() if self.mask_box is not None else None}
         return out
 
 

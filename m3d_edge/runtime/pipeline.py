@@ -59,7 +59,7 @@ from tokenizers import Tokenizer
 from m3d_edge import imaging
 from m3d_edge.data.prompts import image_prompt, parse_boxes
 from m3d_edge.imaging.volume import ImagingError, Volume
-from m3d_edge.preprocess import PreprocessError, Transform, to_model_input
+from m3d_edge.preprocess import PreprocessError, Transform, box_from_mask, to_model_input
 from m3d_edge.runtime import bundle as bundle_reader
 from m3d_edge.runtime.answer import Answer, Box
 from m3d_edge.runtime.decoder import (Decoder, DecoderBatch, DecoderSpec, GenerationOptions, Generated,
@@ -482,14 +482,14 @@ class Pipeline:
         return place_image_tokens(decoder.embed(q.ids[past:]), q.feats.image_tokens, q.positions, start=past), past
 
     def _finish(self, q: _Question, generated: Generated, answer_text: str) -> Answer:
-        mask = None
+        mask = mask_box = None
         if generated.seg_hidden is not None and self._seg_decoder is not None:
             t = time.perf_counter()
-            mask = self._segment(q.feats, generated.seg_hidden)
+            mask, mask_box = self._segment(q.feats, generated.seg_hidden)
             q.timings["seg"] = time.perf_counter() - t
         boxes = tuple(self._box(b, q.feats.transform) for b in parse_boxes(answer_text))
         return Answer(question=q.question, text=answer_text, token_ids=tuple(generated.ids), boxes=boxes,
-                      mask=mask, timings=q.timings, stop_reason=generated.stop_reason)
+                      mask=mask, mask_box=mask_box, timings=q.timings, stop_reason=generated.stop_reason)
 
     def _read_timed(self, scan: Scan, timings: dict[str, float]) -> Volume:
         if isinstance(scan, Volume):
@@ -595,7 +595,9 @@ class Pipeline:
         self._count("prefix_prefill")
         return length
 
-    def _segment(self, feats: _ScanFeatures, seg_hidden: np.ndarray) -> Volume:
+    def _segment(self, feats: _ScanFeatures, seg_hidden: np.ndarray) -> tuple[Volume, Optional[Box]]:
+        """The mask of one [SEG] on the source grid, and the box around it (None: empty), taken on the model grid
+        as the official boxes are, so that it reads like a box the model writes."""
         name = self.seg["image_input"]
         with feats.lock:  # what a scan's masks share is computed at its first [SEG], once
             if self.seg["image_source"] == "vision":
@@ -614,7 +616,10 @@ class Pipeline:
             feats.x = None  # no longer needed: free 8 MB per cached scan
         logits = self._seg_decoder.run(["mask_logits"], feeds)[0]  # [1, 1, D, H, W]
         self._count("seg_decoder")
-        return feats.transform.invert_mask(sigmoid_mask(logits)[0, 0])
+        mask = sigmoid_mask(logits)[0, 0]
+        box6 = box_from_mask(mask)
+        box = self._box(box6, feats.transform) if box6 is not None else None
+        return feats.transform.invert_mask(mask), box
 
     @staticmethod
     def _box(box6: Sequence[float], transform: Transform) -> Box:
