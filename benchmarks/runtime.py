@@ -633,7 +633,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--soak", type=int, default=100,
                    help="questions in a row for the RSS growth check (a multiple of 4, at least 16)")
-    p.add_argument("--work", default=None, help="folder that keeps the bundles and the scan [default: a temp folder, removed at the end]")
+    p.add_argument("--work", default=None,
+                   help="folder that keeps the bundles and the scan [default: a temp folder, removed at the end]")
     p.add_argument("--pairs", type=int, default=3,
                    help="paired rounds (runtime, reference, llama.cpp back to back) for the ratios; 0: none")
     p.add_argument("--llm", default="int4-q41-lora8", choices=("int4-q41", "int4-q41-lora8", "int4-rtn", "int4-hqq"),
