@@ -20,6 +20,7 @@ from m3d_edge.bench import metrics
 from m3d_edge.data.datasets import TASKS, TaskDataset, TaskItem, task_items
 from m3d_edge.data.phantom import KEY_ORGANS
 from m3d_edge.data.prompts import image_prompt, parse_boxes
+from m3d_edge.preprocess import box_from_mask, to_model_input
 
 MAX_NEW = {"caption": 160, "vqa_closed": 24, "vqa_open": 24, "seg": 24, "rec": 48, "reg": 32, "refseg": 32}
 
@@ -126,8 +127,6 @@ def mask_box_scores(logits: Optional[np.ndarray], target: np.ndarray) -> dict:
     """How the box around a [SEG] mask (what `Answer.mask_box` holds) matches the box of the target mask, both
     on the model grid as REC's boxes are: true IoU and the official REC score, 0 for no mask or an empty one; {}
     when the target is empty (no box to match)."""
-    from m3d_edge.preprocess import box_from_mask
-
     target_box = box_from_mask(target)
     if target_box is None:
         return {}
@@ -144,7 +143,6 @@ def clip_retrieval(clip, n: int = 100, seed: int = 10_000) -> dict:
 
     from m3d_edge.data.phantom import PLANE_ORIENTATION, generate_case, write_report
     from m3d_edge.model.clip import minilm_folder
-    from m3d_edge.preprocess import to_model_input
 
     tok = AutoTokenizer.from_pretrained(minilm_folder(), local_files_only=True)
     images, texts = [], []
@@ -171,14 +169,15 @@ def clip_retrieval(clip, n: int = 100, seed: int = 10_000) -> dict:
 def real_ct_check(model, tok, ct: str | Path, seg: str | Path, labels: dict[str, Sequence[int]]) -> dict:
     """Segment and box organs of a real CT (TotalSegmentator's example) and compare with its label map."""
     from m3d_edge.imaging import read
-    from m3d_edge.preprocess import to_model_input
 
     volume, label_map = read(ct), read(seg).array
     x, transform = to_model_input(volume, "ct")
     image = torch.from_numpy(x)
     result: dict = {}
+    on_model_grid: dict[str, np.ndarray] = {}  # each organ's label on the model grid, where boxes are taken
     for organ, ids in labels.items():
         target = np.isin(label_map, ids)
+        on_model_grid[organ] = transform.mask_to_model(target)
         text, logits = ask(model, tok, image, f"Can you segment the {organ} in this image? Please output the mask.", 24)
         entry: dict = {"seg_output": text}
         if logits is not None:
@@ -186,14 +185,11 @@ def real_ct_check(model, tok, ct: str | Path, seg: str | Path, labels: dict[str,
             entry["dice"] = metrics.dice(mask, target)
         else:
             entry["dice"] = 0.0
-        entry.update(mask_box_scores(logits, transform.mask_to_model(target)))
+        entry.update(mask_box_scores(logits, on_model_grid[organ]))
         result[organ] = entry
     text, _ = ask(model, tok, image, "Where is the liver? Please output the box.", 48)
     boxes = parse_boxes(text)
-    truth = transform.mask_to_model(np.isin(label_map, labels["liver"]))
-    from m3d_edge.preprocess import box_from_mask
-
-    truth_box = box_from_mask(truth)
+    truth_box = box_from_mask(on_model_grid["liver"])
     result["liver_box"] = {"output": text, "label_box": truth_box,
                            "iou": metrics.rec_iou(boxes[0] if boxes else None, truth_box, official=False)
                            if boxes else -1.0}
